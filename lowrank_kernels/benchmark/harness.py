@@ -120,10 +120,14 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floa
     return "\n".join(out)
 
 
+def _jsonable(o: Any) -> Any:
+    return asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)
+
+
 def save_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write `payload` (plus machine info) as JSON, creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"machine": machine_info(), **payload}
-    path.write_text(json.dumps(data, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    path.write_text(json.dumps(data, indent=2, default=_jsonable))
     return path
