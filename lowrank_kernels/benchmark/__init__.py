@@ -7,6 +7,6 @@ adds the options every suite shares (threads, output paths) before calling the s
 SUITES = {
     "sep_conv": "lowrank_kernels.benchmark.sep_conv",
     "svd": "lowrank_kernels.benchmark.batched_svd",
-    "householder": "lowrank_kernels.benchmark.householder",
+    "householder": "lowrank_kernels.benchmark.householder_product",
 }
 DEFAULT_SUITE = "sep_conv"
