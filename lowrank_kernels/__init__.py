@@ -3,7 +3,10 @@
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
 from . import _C  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
+from .compress import compress
+from .export import to_onnx
+from .layers import LowRankLinear, SepConv2d
 from .sep_conv import sep_conv
 
-__all__ = ["sep_conv"]
+__all__ = ["sep_conv", "SepConv2d", "LowRankLinear", "compress", "to_onnx"]
 __version__ = "0.1.0"
