@@ -2,6 +2,8 @@
 
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
+import torch  # noqa: F401  (first: _C links against libtorch, which importing torch loads)
+
 from . import _C  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
 from .compress import compress
 from .export import to_onnx
