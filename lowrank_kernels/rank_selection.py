@@ -272,7 +272,7 @@ def soft_threshold_singular_values_(
     with threshold = learning_rate * lambda, this is the proximal gradient method for the loss
     plus lambda * sum of nuclear norms, which drives ranks down before truncation.
 
-    Returns the number of non-zero singular values per layer (the total rank after the step).
+    Returns each layer's numerical rank after the step (summed over groups).
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
@@ -290,7 +290,9 @@ def soft_threshold_singular_values_(
             else:
                 new = mats[0]
             layer.weight.copy_(new.to(layer.weight.dtype))
-            ranks[name] = int((s > 0).sum())
+            # Numerical rank, as torch.linalg.matrix_rank counts it (rounding leaves tiny non-zeros).
+            tol = s.amax(-1, keepdim=True) * max(mats.shape[-2:]) * torch.finfo(layer.weight.dtype).eps
+            ranks[name] = int((s > tol).sum())
     return ranks
 
 
