@@ -110,6 +110,21 @@ def _layers_from_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def _compress(model: nn.Module, args: argparse.Namespace, example):
+    return compress(
+        model,
+        rank=args.rank,
+        energy=args.energy,
+        reduction=args.reduction,
+        mac_budget=args.mac_budget,
+        example_input=example,
+        exclude=args.exclude,
+        measure_speed=args.measure_speed,
+        min_speedup=args.min_speedup,
+        progress=not args.no_progress,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     for module in args.imports:
         importlib.import_module(module)
@@ -141,18 +156,10 @@ def run(args: argparse.Namespace) -> int:
             f"lowrank compress: {path} holds a {type(model).__name__}, not an nn.Module "
             "(a state_dict has no architecture: save the module itself with torch.save(model, path))"
         )
-    compressed, report = compress(
-        model,
-        rank=args.rank,
-        energy=args.energy,
-        reduction=args.reduction,
-        mac_budget=args.mac_budget,
-        example_input=example,
-        exclude=args.exclude,
-        measure_speed=args.measure_speed,
-        min_speedup=args.min_speedup,
-        progress=not args.no_progress,
-    )
+    try:
+        compressed, report = _compress(model, args, example)
+    except ValueError as e:  # bad rule values etc.: a message, not a traceback
+        raise SystemExit(f"lowrank compress: {e}") from e
     print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if exported is not None:

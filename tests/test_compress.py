@@ -251,3 +251,12 @@ def test_cli_exported_program_and_torchscript(net, tmp_path):
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(SystemExit, match="state_dict"):
         cli_main(["compress", str(tmp_path / "sd.pt"), "-o", str(tmp_path / "x.pt"), "--rank", "1"])
+
+
+def test_cli_bad_values(net, tmp_path):
+    src = tmp_path / "m.pt"
+    torch.save(net, src)
+    with pytest.raises(SystemExit, match="energy"):
+        cli_main(["compress", str(src), "-o", str(tmp_path / "x.pt"), "--energy", "1.5", "--no-progress"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli_main(["compress", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.pt"), "--rank", "2"])

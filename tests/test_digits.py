@@ -1,5 +1,7 @@
 """Smoke test of the digits accuracy demo (tiny: one epoch, 8x8 images, narrow net)."""
 
+import json
+
 import pytest
 import torch
 
@@ -40,8 +42,6 @@ def test_demo_smoke(capsys, tmp_path):
     out = capsys.readouterr().out
     for name in ("dense", "dense-IST", "e=0.95", "e=0.5", "IST e=0.9"):
         assert name in out
-    import json
-
     data = json.loads((tmp_path / "d.json").read_text())
     rows = {r["model"]: r for r in data["rows"]}
     assert 0.0 <= rows["e=0.5"]["acc"] <= 1.0 and rows["e=0.5"]["acc_ft"] is not None
