@@ -34,12 +34,16 @@ def test_demo_smoke(capsys, tmp_path):
                 "--threads=1",
                 "--no-progress",
                 f"--json={tmp_path / 'd.json'}",
+                f"--cache={tmp_path / 'models.pt'}",
             ]
         )
+        # Second run: models come from the cache, only the timing runs again.
+        assert digits.main([f"--cache={tmp_path / 'models.pt'}", "--rounds=1", "--threads=1", "--timing-batch=8"]) == 0
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     out = capsys.readouterr().out
+    assert "loaded trained models" in out
     for name in ("dense", "dense-IST", "e=0.95", "e=0.5", "IST e=0.9"):
         assert name in out
     data = json.loads((tmp_path / "d.json").read_text())

@@ -110,7 +110,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def run_demo(
+def build_models(
     *,
     energies: Sequence[float] = (0.99, 0.95, 0.9, 0.8, 0.6),
     epochs: int = 8,
@@ -119,15 +119,13 @@ def run_demo(
     width: int = 32,
     ist_lambda: float = 0.0,
     ist_energies: Sequence[float] = (0.9,),
-    timing_batch: int = 64,
-    rounds: int = 10,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[list[dict], dict]:
-    """Train, compress at each energy, fine-tune, time; returns (table rows, details)."""
+) -> tuple[list[dict], dict[str, nn.Module], dict]:
+    """Train, compress at each energy and fine-tune: (table rows, models by row name, details)."""
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_tensors(size, seed)
-    probe = x_test[:timing_batch]
+    probe = x_test[:64]  # compress's probe: per-layer output errors and MACs
 
     trained: dict[str, nn.Module] = {}
     start = time.perf_counter()
@@ -164,8 +162,7 @@ def run_demo(
                 "energy": energy,
                 "replaced": "-" if total is None else f"{total['replaced']}/{total['layers']}",
                 "params": n_params,
-                "_macs": None if total is None else total["macs_after"],
-                "_macs_dense": None if total is None else total["macs_before"],
+                "conv_fc_MACs": "1.00x" if total is None else f"{total['macs_after'] / total['macs_before']:.2f}x",
                 "acc": accuracy(model, x_test, y_test),
                 "acc_ft": acc_ft,
             }
@@ -194,31 +191,9 @@ def run_demo(
         name = f"{'IST ' if key == 'ist' else ''}e={energy}"
         add(name, source, compressed, energy, report, accuracy(tuned, x_test, y_test) if finetune_epochs > 0 else None)
 
-    # All models timed in one interleaved run on the same batch.
-    dense_macs = next(r["_macs_dense"] for r in rows if r["_macs_dense"] is not None) if len(rows) > 1 else None
-
-    def forward(model: nn.Module):
-        def call():
-            with torch.inference_mode():
-                model(probe)
-
-        return call
-
-    timings = time_interleaved({n: forward(m) for n, m in models.items()}, rounds=rounds, min_round_s=0.05)
-    for r in rows:
-        t = timings[r["model"]]
-        r["ms"] = t.median_ms
-        r["speedup"] = timings["dense"].median_ms / t.median_ms
-        if r["_macs"] is not None and dense_macs:
-            r["conv_fc_MACs"] = f"{r['_macs'] / dense_macs:.2f}x"
-        elif r["model"].startswith("dense"):
-            r["conv_fc_MACs"] = "1.00x"
     details.update(
         {
-            "timing_batch": timing_batch,
-            "rounds": rounds,
             "train_seconds_dense": train_s,
-            "timings": timings,
             "args": {
                 "energies": list(energies),
                 "epochs": epochs,
@@ -230,7 +205,27 @@ def run_demo(
             },
         }
     )
-    return rows, details
+    return rows, models, details
+
+
+def time_models(rows: list[dict], models: dict[str, nn.Module], batch: torch.Tensor, rounds: int) -> dict:
+    """Time every model's forward on `batch` in one interleaved run; fills ms/speedup in `rows`."""
+
+    def forward(model: nn.Module):
+        def call():
+            with torch.inference_mode():
+                model(batch)
+
+        return call
+
+    for m in models.values():
+        m.eval()
+    timings = time_interleaved({n: forward(m) for n, m in models.items()}, rounds=rounds, min_round_s=0.05)
+    for r in rows:
+        t = timings[r["model"]]
+        r["ms"] = t.median_ms
+        r["speedup"] = timings["dense"].median_ms / t.median_ms
+    return timings
 
 
 COLUMNS = ["model", "trained", "replaced", "params", "conv_fc_MACs", "acc", "acc_ft", "ms", "speedup"]
@@ -246,31 +241,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ist-lambda", type=float, default=0.0, help="also train with singular-value soft-thresholding")
     p.add_argument("--ist-energies", default="0.9", help="energies to compress the IST-trained model at")
     p.add_argument("--timing-batch", type=int, default=64, help="batch of test images for timing")
-    p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (0: no timing)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="file holding the trained/compressed models: loaded if it exists (only timing runs), else written",
+    )
     p.add_argument("--json", type=Path, help="save rows and per-layer reports as JSON")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, details = run_demo(
-        energies=[float(e) for e in args.energies.split(",") if e],
-        epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs,
-        size=args.size,
-        width=args.width,
-        ist_lambda=args.ist_lambda,
-        ist_energies=[float(e) for e in args.ist_energies.split(",") if e],
-        timing_batch=args.timing_batch,
-        rounds=args.rounds,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    if args.cache is not None and args.cache.exists():
+        # Our own file, written below; it holds modules, hence weights_only=False.
+        rows, models, details = torch.load(args.cache, weights_only=False)
+        print(f"loaded trained models from {args.cache} (args: {details['args']})")
+    else:
+        rows, models, details = build_models(
+            energies=[float(e) for e in args.energies.split(",") if e],
+            epochs=args.epochs,
+            finetune_epochs=args.finetune_epochs,
+            size=args.size,
+            width=args.width,
+            ist_lambda=args.ist_lambda,
+            ist_energies=[float(e) for e in args.ist_energies.split(",") if e],
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        if args.cache is not None:
+            args.cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((rows, models, details), args.cache)
+    if args.rounds > 0:
+        _, _, x_test, _ = load_digits_tensors(details["args"]["size"], details["args"]["seed"])
+        details["timings"] = time_models(rows, models, x_test[: args.timing_batch], args.rounds)
+        details.update({"timing_batch": args.timing_batch, "rounds": args.rounds, "threads": torch.get_num_threads()})
     print(format_table(rows, COLUMNS, floatfmt=".4f"))
     if args.json:
-        payload = {"rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], **details}
-        print(f"saved {save_json(args.json, payload)}")
+        print(f"saved {save_json(args.json, {'rows': rows, **details})}")
     return 0
 
 
