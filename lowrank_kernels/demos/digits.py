@@ -1,6 +1,6 @@
 """Accuracy and speed of low-rank compression on a real data set, end to end.
 
-    python -m lowrank_kernels.demos.digits [--epochs 8] [--energies 0.99,0.95,0.9,0.8,0.6]
+    python -m lowrank_kernels.demos.digits [--epochs 6] [--energies 0.99,0.95,0.9,0.8,0.6]
 
 Trains a small CNN on scikit-learn's handwritten digits (1797 8x8 images shipped inside
 scikit-learn, no download; upsampled to --size pixels so the convolutions have spatial extent),
@@ -113,9 +113,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def build_models(
     *,
     energies: Sequence[float] = (0.99, 0.95, 0.9, 0.8, 0.6),
-    epochs: int = 8,
-    finetune_epochs: int = 2,
-    size: int = 32,
+    epochs: int = 6,
+    finetune_epochs: int = 1,
+    size: int = 16,
     width: int = 32,
     ist_lambda: float = 0.0,
     ist_energies: Sequence[float] = (0.9,),
@@ -234,9 +234,9 @@ COLUMNS = ["model", "trained", "replaced", "params", "conv_fc_MACs", "acc", "acc
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowrank_kernels.demos.digits", description=__doc__.splitlines()[0])
     p.add_argument("--energies", default="0.99,0.95,0.9,0.8,0.6", help="comma-separated energies to compress at")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs of the dense model")
-    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per compressed model (0: none)")
-    p.add_argument("--size", type=int, default=32, help="image side after upsampling the 8x8 digits")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs of the dense model")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs per compressed model (0: none)")
+    p.add_argument("--size", type=int, default=16, help="image side after upsampling the 8x8 digits")
     p.add_argument("--width", type=int, default=32, help="channels of the first conv block")
     p.add_argument("--ist-lambda", type=float, default=0.0, help="also train with singular-value soft-thresholding")
     p.add_argument("--ist-energies", default="0.9", help="energies to compress the IST-trained model at")
