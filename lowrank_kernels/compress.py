@@ -216,7 +216,8 @@ def compress(
         nn.Conv2d / nn.Linear layers); exclude: layer names to leave dense.
     measure_speed: time each replaced layer against its dense original on the probe input
         (`lowrank_kernels.benchmark.harness.time_interleaved`) and report the speedup.
-    min_speedup: leave a layer dense unless its measured speedup reaches this (implies measuring).
+    min_speedup: leave a layer dense unless its measured speedup reaches this (implies measuring);
+        with mac_budget, layers made dense this way can push the total over the budget.
     """
     rule = _check_rule_args(rank, energy, reduction, mac_budget)
     if not isinstance(model, nn.Module):
@@ -267,7 +268,7 @@ def compress(
         decision = "low rank" if k is not None else "dense: low rank would not cut MACs"
         if k is not None:
             build = SepConv2d._from_svd if isinstance(layer, nn.Conv2d) else LowRankLinear._from_svd
-            new = build(layer, k, svds[name])
+            new = build(layer, k, svds.pop(name))  # pop: U and V of big layers are large
             new.train(layer.training)
             if name in inputs:
                 with torch.no_grad():
