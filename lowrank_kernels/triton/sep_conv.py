@@ -93,16 +93,23 @@ def _configs(space: list[dict], warps_stages: list[tuple[int, int]], interp: dic
     return [triton.Config(kw, num_warps=w, num_stages=s) for kw in space for (w, s) in warps_stages]
 
 
-def _prune(limits: dict[str, str]):
-    """Drop configs whose channel blocks are far larger than the channels they cover."""
+_MAX_TILE_ELEMENTS = 16384  # one fp32 register tile (64 KB): 64 registers per thread at 8 warps
+
+
+def _prune(limits: dict[str, str], tiles=None):
+    """Drop configs whose channel blocks are far larger than the channels they cover, and configs whose
+    register tiles (`tiles(args)` -> element counts) would spill; keep at least the smallest config."""
 
     def prune(configs, named_args, **kwargs):
-        kept = [
-            c
-            for c in configs
-            if all(c.kwargs[block] <= max(16, _pow2(named_args[dim])) for block, dim in limits.items())
-        ]
-        return kept or configs[:1]
+        kept = []
+        for c in configs:
+            args = {**named_args, **kwargs, **c.kwargs}
+            if any(c.kwargs[block] > max(16, _pow2(named_args[dim])) for block, dim in limits.items()):
+                continue
+            if tiles is not None and max(tiles(args)) > _MAX_TILE_ELEMENTS:
+                continue
+            kept.append(c)
+        return kept or [min(configs, key=lambda c: sum(c.kwargs.values()))]
 
     return prune
 
@@ -118,7 +125,7 @@ _FWD_CONFIGS = _configs(
         for tp in (64, 128)
     ],
     [(4, 2), (8, 3)],
-    {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_C": 16, "TILE_PIXELS": 32},
+    {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_C": 16, "TILE_PIXELS": 64},
 )
 
 
@@ -131,7 +138,12 @@ def _fwd_rows(args) -> int:
 @triton.autotune(
     configs=_FWD_CONFIGS,
     key=["CG", "KG", "NG", "OH", "OW", "DV", "DH", "SH", "BLOCK_COLS"],
-    prune_configs_by={"early_config_prune": _prune({"BLOCK_N": "NG", "BLOCK_K": "KG", "BLOCK_C": "CG"})},
+    prune_configs_by={
+        "early_config_prune": _prune(
+            {"BLOCK_N": "NG", "BLOCK_K": "KG", "BLOCK_C": "CG"},
+            lambda a: (a["BLOCK_N"] * _fwd_rows(a) * a["BLOCK_J"], a["BLOCK_K"] * _fwd_rows(a) * a["BLOCK_COLS"]),
+        )
+    },
 )
 @triton.heuristics({"BLOCK_ROWS": _fwd_rows})
 @triton.jit
@@ -261,13 +273,13 @@ def _sep_conv_fwd_kernel(
 _BWD_INPUT_CONFIGS = _configs(
     [
         {"BLOCK_C": bc, "BLOCK_K": bk, "BLOCK_N": bn, "TILE_PIXELS": tp}
-        for bc in (64, 128)
+        for bc in (32, 64, 128)
         for bk in (32, 64)
         for bn in (32, 64)
-        for tp in (64, 128)
+        for tp in (128, 256)
     ],
     [(4, 2), (8, 3)],
-    {"BLOCK_C": 16, "BLOCK_K": 16, "BLOCK_N": 16, "TILE_PIXELS": 32},
+    {"BLOCK_C": 16, "BLOCK_K": 16, "BLOCK_N": 16, "TILE_PIXELS": 64},
 )
 
 
@@ -286,7 +298,15 @@ def _bwd_input_rows(args) -> tuple[int, int, int]:
 @triton.autotune(
     configs=_BWD_INPUT_CONFIGS,
     key=["CG", "KG", "NG", "H", "W", "DV", "DH", "SV", "LV", "BLOCK_COLS"],
-    prune_configs_by={"early_config_prune": _prune({"BLOCK_N": "NG", "BLOCK_K": "KG", "BLOCK_C": "CG"})},
+    prune_configs_by={
+        "early_config_prune": _prune(
+            {"BLOCK_N": "NG", "BLOCK_K": "KG", "BLOCK_C": "CG"},
+            lambda a: (
+                a["BLOCK_C"] * _bwd_input_rows(a)[2] * a["BLOCK_COLS"],
+                a["BLOCK_K"] * _bwd_input_rows(a)[0] * a["BLOCK_COLS"],
+            ),
+        )
+    },
 )
 @triton.heuristics(
     {
@@ -433,14 +453,19 @@ _BWD_WEIGHT_CONFIGS = _configs(
         for bp in (64, 128)
     ],
     [(4, 2), (8, 3)],
-    {"BLOCK_K": 16, "BLOCK_X": 16, "BLOCK_R": 16, "BLOCK_P": 32},
+    {"BLOCK_K": 16, "BLOCK_X": 16, "BLOCK_R": 16, "BLOCK_P": 64},
 )
 
 
 @triton.autotune(
     configs=_BWD_WEIGHT_CONFIGS,
     key=["B", "CG", "KG", "NG", "OH", "W", "DV", "DH", "SPLITS"],
-    prune_configs_by={"early_config_prune": _prune({"BLOCK_K": "KG", "BLOCK_X": "NG", "BLOCK_R": "CG"})},
+    prune_configs_by={
+        "early_config_prune": _prune(
+            {"BLOCK_K": "KG", "BLOCK_X": "NG", "BLOCK_R": "CG"},
+            lambda a: (a["DH_PAD"] * a["BLOCK_X"] * a["BLOCK_K"], a["BLOCK_K"] * a["BLOCK_P"]),
+        )
+    },
 )
 @triton.jit
 def _sep_conv_bwd_weight_h_kernel(
@@ -552,7 +577,12 @@ def _sep_conv_bwd_weight_h_kernel(
 @triton.autotune(
     configs=_BWD_WEIGHT_CONFIGS,
     key=["B", "CG", "KG", "NG", "OH", "W", "DV", "DH", "SPLITS"],
-    prune_configs_by={"early_config_prune": _prune({"BLOCK_K": "KG", "BLOCK_X": "CG", "BLOCK_R": "NG"})},
+    prune_configs_by={
+        "early_config_prune": _prune(
+            {"BLOCK_K": "KG", "BLOCK_X": "CG", "BLOCK_R": "NG"},
+            lambda a: (a["DV_PAD"] * a["BLOCK_X"] * a["BLOCK_K"], a["BLOCK_K"] * a["BLOCK_P"]),
+        )
+    },
 )
 @triton.jit
 def _sep_conv_bwd_weight_v_kernel(
@@ -782,7 +812,7 @@ def sep_conv_forward(
 def _splits(n_pix: int, programs_per_split: int, device: torch.device) -> int:
     """How many programs share the pixel reduction of the weight gradients."""
     if _INTERPRET:
-        return max(1, min(2, triton.cdiv(n_pix, 32)))
+        return max(1, min(2, triton.cdiv(n_pix, 64)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(triton.cdiv(n_pix, 128), triton.cdiv(4 * sms, max(programs_per_split, 1))))
 
@@ -833,7 +863,7 @@ def sep_conv_backward(
         if nothing_flows:
             grad_input.zero_()
         elif grad_input.numel():
-            block_cols = min(_pow2(geo["W"]), _max_cols())
+            block_cols = min(_pow2(geo["W"]), 16 if _INTERPRET else 32)  # narrow tiles, more rows per halo
 
             def grid_x(meta):
                 n_tiles = B * triton.cdiv(geo["H"], meta["ROWS_PER_TILE"]) * triton.cdiv(geo["W"], block_cols)
