@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._prims_common import suggest_memory_format
 
 pytest.importorskip("triton")
@@ -139,6 +141,43 @@ def test_batch_zero(channels_last):
     for name in ("weight_v", "weight_h", "bias"):
         assert torch.equal(ours[name].grad, torch.zeros_like(ours[name])), name
     assert ours["input"].grad.shape == ours["input"].shape
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    data=st.data(),
+    groups=st.integers(1, 2),
+    dv=st.integers(1, 3),
+    dh=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+)
+def test_fuzz_against_reference(data, groups, dv, dh, stride, padding, dilation):
+    """Random small geometries (forward and all gradients), float32."""
+    span_v, span_h = dilation[0] * (dv - 1) + 1, dilation[1] * (dh - 1) + 1
+    H = max(1, span_v - 2 * padding[0]) + data.draw(st.integers(0, 5), label="extra_h")
+    W = max(1, span_h - 2 * padding[1]) + data.draw(st.integers(0, 6), label="extra_w")
+    shape = dict(
+        B=data.draw(st.integers(0, 2), label="B"),
+        C=groups * data.draw(st.integers(1, 3), label="C/groups"),
+        K=groups * data.draw(st.integers(1, 3), label="K/groups"),
+        N=groups * data.draw(st.integers(1, 3), label="N/groups"),
+    )
+    tensors, conv = _case(
+        **shape,
+        H=H,
+        W=W,
+        dv=dv,
+        dh=dh,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=data.draw(st.booleans(), label="bias"),
+        channels_last=data.draw(st.booleans(), label="channels_last"),
+    )
+    _check_against_reference(tensors, conv)
 
 
 def test_non_contiguous_inputs():
