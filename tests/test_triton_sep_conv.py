@@ -356,3 +356,40 @@ def test_gpu_opcheck_and_compile():
     torch.library.opcheck(torch.ops.lowrank.sep_conv.default, args)
     compiled = torch.compile(lambda *a: lk.sep_conv(*a, **conv), fullgraph=True)
     torch.testing.assert_close(compiled(x, wv, wh, b), lk.triton.sep_conv(x, wv, wh, b, **conv), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real configs run in the other tests")
+def test_gpu_tile_geometry_in_interpreter(monkeypatch):
+    """The GPU tile shapes (64-column forward tiles, 32-column grad_input tiles, 32-wide channel
+    blocks, 3-way split weight reductions) checked in the interpreter with one GPU-sized config each."""
+    triton = pytest.importorskip("triton")
+    kernels = lk.triton._kernels("sep_conv")
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "_check_device", lambda t: None)
+    monkeypatch.setattr(kernels, "_splits", lambda n_pix, programs, device: 3)
+    gpu_sized = {
+        kernels._sep_conv_fwd_kernel: dict(BLOCK_N=32, BLOCK_K=32, BLOCK_C=32, TILE_PIXELS=128),
+        kernels._sep_conv_bwd_input_kernel: dict(BLOCK_C=32, BLOCK_K=32, BLOCK_N=32, TILE_PIXELS=256),
+        kernels._sep_conv_bwd_weight_h_kernel: dict(BLOCK_K=32, BLOCK_X=32, BLOCK_R=32, BLOCK_P=128),
+        kernels._sep_conv_bwd_weight_v_kernel: dict(BLOCK_K=32, BLOCK_X=32, BLOCK_R=32, BLOCK_P=128),
+    }
+    for kernel, config in gpu_sized.items():
+        monkeypatch.setattr(kernel, "configs", [triton.Config(config, num_warps=4, num_stages=2)])
+    _check_against_reference(*_case(B=1, C=3, H=9, W=70, K=4, N=3, dv=3, dh=3, padding=1))
+    _check_against_reference(
+        *_case(
+            B=1,
+            C=2,
+            H=40,
+            W=40,
+            K=3,
+            N=2,
+            dv=3,
+            dh=5,
+            stride=(2, 1),
+            padding=(1, 2),
+            dilation=(1, 2),
+            channels_last=True,
+        )
+    )
+    _check_against_reference(*_case(B=2, C=34, H=5, W=6, K=33, N=35, dv=3, dh=3, padding=1))

@@ -64,6 +64,7 @@ Under TRITON_INTERPRET=1 every kernel uses exactly one small fixed config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -715,6 +716,11 @@ def _check_device(t: torch.Tensor) -> None:
         )
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _geometry(x, weight_v, weight_h, stride, padding, dilation, groups) -> dict:
     B, C, H, W = x.shape
     K, CG, DV, _ = weight_v.shape
@@ -754,6 +760,20 @@ def sep_conv_forward(
     groups: int,
 ) -> torch.Tensor:
     """The fused forward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); int[2] conv args."""
+    with _on_device(input):
+        return _forward(input, weight_v, weight_h, bias, stride, padding, dilation, groups)
+
+
+def _forward(
+    input: torch.Tensor,
+    weight_v: torch.Tensor,
+    weight_h: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
     B, N, OH, OW = _check_sep_conv(input, weight_v, weight_h, bias, stride, padding, dilation, groups)
     _check_device(input)
     acc_dtype = _acc_dtype(input.dtype)
@@ -829,6 +849,21 @@ def sep_conv_backward(
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_weight_v, grad_weight_h); an empty tensor for a gradient not in output_mask."""
+    with _on_device(input):
+        return _backward(grad_out, input, weight_v, weight_h, stride, padding, dilation, groups, output_mask)
+
+
+def _backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    weight_v: torch.Tensor,
+    weight_h: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N, OH, OW = _check_sep_conv(input, weight_v, weight_h, None, stride, padding, dilation, groups)
     _check_device(input)
     if grad_out.dim() != 4 or tuple(grad_out.shape) != (B, N, OH, OW):
