@@ -20,8 +20,11 @@ Forward (one launch, `_sep_conv_fwd_kernel`)
         0 when a tile spans a whole padded row, which is what the host picks for W + 2*pad <= 64).
         Per-tap recompute would instead cost (dh-1) extra stage-1 passes (+200% for dh=3), which on
         VGG-like ranks (stage 1 ~ stage 2) erases most of the low-rank FLOP saving.
-      - stage 1 is recomputed for each BLOCK_N block of one group: ceil(Ng/BLOCK_N) x stage-1 FLOPs;
-        the autotuner therefore offers BLOCK_N up to 128 so most layers use one or two blocks.
+      - stage 1 is recomputed for each BLOCK_N block of one group: ceil(Ng/BLOCK_N) x stage-1 FLOPs.
+        This is the real price of keeping t in registers (Triton gives no explicit shared-memory tile
+        to hold all Kg channels of t). The autotuner therefore offers BLOCK_N up to 512 with narrower
+        pixel tiles (the fp32 accumulator BLOCK_N x pixels is capped at 16K elements); for Ng <= 512
+        one block, i.e. no recompute, is always among the candidates.
       - gather cost: dh * BLOCK_K * BLOCK_ROWS * BLOCK_J register moves (through shared memory on GPU),
         1/BLOCK_N of the stage-2 MACs.
       - bytes per tile: input (BLOCK_ROWS + (dv-1)*dil_v) x BLOCK_COLS x Cg elements per K block (rows
@@ -43,7 +46,10 @@ Backward (sep_conv_backward; bias is a sum in Python)
       channels, tile of input rows x BLOCK_COLS columns). It computes gt for the intermediate rows the
       tile needs (BLOCK_TROWS rows, including the (dv-1)*dil_v row halo, recomputed by neighbouring
       tiles) straight from grad_out in registers, then applies weight_v^T with a row gather per
-      vertical tap. gt is never written to memory. Recomputed per BLOCK_C block (ceil(Cg/BLOCK_C)).
+      vertical tap. gt is never written to memory. Costs: gt is recomputed per BLOCK_C block
+      (ceil(Cg/BLOCK_C)); the row halo makes a tile compute BLOCK_TROWS gt rows for
+      ROWS_PER_TILE = (BLOCK_TROWS-1)*stride_v - (dv-1)*dil_v + 1 input rows (8 rows for 6 with a
+      3-tap kernel, hence 32-column tiles on GPU so that tiles are tall).
     - grad_weight_h (`_sep_conv_bwd_weight_h_kernel`), fused with a recompute of t: per tile of
       intermediate pixels, t[BLOCK_K, P] is recomputed from x (stage 1) and multiplied by the dh
       column-shifted views of grad_out, stacked into one [DH_PAD*BLOCK_N, P] operand (shifted loads come
@@ -120,10 +126,10 @@ def _prune(limits: dict[str, str], tiles=None):
 _FWD_CONFIGS = _configs(
     [
         {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_C": bc, "TILE_PIXELS": tp}
-        for bn in (64, 128)
+        # Wide output-channel blocks avoid recomputing stage 1 per block; they need narrower tiles.
+        for bn, tp in ((64, 128), (128, 64), (128, 128), (256, 32), (256, 64), (512, 32))
         for bk in (32, 64)
         for bc in (32, 64)
-        for tp in (64, 128)
     ],
     [(4, 2), (8, 3)],
     {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_C": 16, "TILE_PIXELS": 64},
@@ -274,10 +280,10 @@ def _sep_conv_fwd_kernel(
 _BWD_INPUT_CONFIGS = _configs(
     [
         {"BLOCK_C": bc, "BLOCK_K": bk, "BLOCK_N": bn, "TILE_PIXELS": tp}
-        for bc in (32, 64, 128)
+        # Wide input-channel blocks avoid recomputing gt per block; they need shorter tiles.
+        for bc, tp in ((32, 256), (64, 128), (64, 256), (128, 128), (256, 64))
         for bk in (32, 64)
         for bn in (32, 64)
-        for tp in (128, 256)
     ],
     [(4, 2), (8, 3)],
     {"BLOCK_C": 16, "BLOCK_K": 16, "BLOCK_N": 16, "TILE_PIXELS": 64},
