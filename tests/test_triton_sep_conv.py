@@ -261,6 +261,35 @@ def test_cuda_kernels_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
 
 
+def test_registered_cuda_functions_match(monkeypatch):
+    """The functions registered for the CUDA key (called here on CPU tensors, interpreter) give what
+    lk.triton.sep_conv gives; and the op on CPU tensors still runs the C++ kernel, not Triton."""
+    from lowrank_kernels import _cuda_registration
+
+    tensors, conv = _case(B=1, C=4, H=5, W=6, K=4, N=6, dv=3, dh=2, padding=(1, 0), groups=2)
+    x, wv, wh, b = tensors.values()
+    conv_args = (tuple(conv["stride"]), tuple(conv["padding"]), tuple(conv["dilation"]), conv["groups"])
+    out = _cuda_registration._sep_conv_cuda(x, wv, wh, b, *conv_args)
+    torch.testing.assert_close(out, lk.triton.sep_conv(x, wv, wh, b, **conv), rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    got = _cuda_registration._sep_conv_backward_cuda(grad_out, x, wv, wh, *conv_args, (True, False, True))
+    want = lk.triton._kernels("sep_conv").sep_conv_backward(grad_out, x, wv, wh, *conv_args, [True, False, True])
+    assert got[1].numel() == 0
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the CPU op reached the Triton path")
+
+    kernels = lk.triton._kernels("sep_conv")
+    monkeypatch.setattr(kernels, "sep_conv_forward", no_triton)
+    monkeypatch.setattr(kernels, "sep_conv_backward", no_triton)
+    x = x.clone().requires_grad_()
+    cpu = lk.sep_conv(x, wv, wh, b, **conv)
+    cpu.backward(grad_out)
+    torch.testing.assert_close(cpu, out, rtol=1e-5, atol=1e-5)
+
+
 def test_import_without_triton_and_cpu_path():
     """`import lowrank_kernels` works with triton missing; the CPU op still runs (C++ kernel); the
     Triton entry point fails with a clear error. A fresh interpreter, so triton can be hidden."""
