@@ -39,11 +39,17 @@ def sep_conv(
 ) -> torch.Tensor:
     """lowrank_kernels.sep_conv computed by the fused Triton kernels (differentiable).
 
-    Same arguments and result as `lowrank_kernels.sep_conv`; raises RuntimeError on CPU tensors
-    unless the Triton interpreter is active, and ImportError if triton is not installed.
+    Same arguments and result as `lowrank_kernels.sep_conv`. CUDA tensors go through the op
+    (torch.ops.lowrank.sep_conv, whose CUDA kernels are these Triton kernels), so torch.compile sees
+    the same opaque op. CPU tensors run the kernels in the Triton interpreter (TRITON_INTERPRET=1 set
+    before triton is imported), otherwise RuntimeError; ImportError if triton is not installed.
     """
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise ValueError(f"sep_conv: groups must be an int, got {groups!r}")
+    if isinstance(input, torch.Tensor) and input.is_cuda:
+        from ..sep_conv import sep_conv as op
+
+        return op(input, weight_v, weight_h, bias, stride, padding, dilation, groups)
     return _kernels("sep_conv").sep_conv(
         input,
         weight_v,

@@ -1029,5 +1029,6 @@ class _SepConvFunction(torch.autograd.Function):
 
 
 def sep_conv(input, weight_v, weight_h, bias, stride, padding, dilation, groups) -> torch.Tensor:
-    """Differentiable Triton sep_conv with int[2] conv args (see lowrank_kernels.triton.sep_conv)."""
+    """Differentiable Triton sep_conv with int[2] conv args, without the dispatcher (this is how the
+    interpreter runs it on CPU tensors; on CUDA, lowrank_kernels.triton.sep_conv goes through the op)."""
     return _SepConvFunction.apply(input, weight_v, weight_h, bias, stride, padding, dilation, groups)
