@@ -330,6 +330,23 @@ except RuntimeError as e:
     assert run.stdout.strip() == "True"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_a100_and_h100():
+    """Compile the kernels to cubins for sm_90 / sm_80 without a GPU (tests/triton_compile_check.py):
+    catches what the interpreter does not check (dot shapes and dtypes, tl.gather lowering, layouts)."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("triton's bundled ptxas is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = Path(__file__).with_name("triton_compile_check.py")
+    run = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 6 and all("registers" in line for line in lines), run.stdout
+
+
 # ------------------------------------------------------------------------------ needs a real GPU
 
 VGG_LIKE = dict(B=2, C=64, H=28, W=28, K=32, N=96, dv=3, dh=3, padding=1)

@@ -22,9 +22,9 @@ Forward (one launch, `_sep_conv_fwd_kernel`)
         VGG-like ranks (stage 1 ~ stage 2) erases most of the low-rank FLOP saving.
       - stage 1 is recomputed for each BLOCK_N block of one group: ceil(Ng/BLOCK_N) x stage-1 FLOPs.
         This is the real price of keeping t in registers (Triton gives no explicit shared-memory tile
-        to hold all Kg channels of t). The autotuner therefore offers BLOCK_N up to 512 with narrower
-        pixel tiles (the fp32 accumulator BLOCK_N x pixels is capped at 16K elements); for Ng <= 512
-        one block, i.e. no recompute, is always among the candidates.
+        to hold all Kg channels of t). The autotuner therefore offers BLOCK_N up to 256 with narrower
+        pixel tiles (BLOCK_N = 512 spilled registers when compiled for sm_90); for Ng <= 256 one block,
+        i.e. no recompute, is among the candidates, for Ng = 512 stage 1 runs twice.
       - gather cost: dh * BLOCK_K * BLOCK_ROWS * BLOCK_J register moves (through shared memory on GPU),
         1/BLOCK_N of the stage-2 MACs.
       - bytes per tile: input (BLOCK_ROWS + (dv-1)*dil_v) x BLOCK_COLS x Cg elements per K block (rows
@@ -94,10 +94,11 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _configs(space: list[dict], warps_stages: list[tuple[int, int]], interp: dict) -> list[triton.Config]:
+def _configs(names: tuple[str, ...], gpu: list[tuple], interp: tuple) -> list[triton.Config]:
+    """Autotune configs: rows of (*block sizes, num_warps, num_stages); one fixed config in the interpreter."""
     if _INTERPRET:
-        return [triton.Config(interp, num_warps=4, num_stages=1)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw in space for (w, s) in warps_stages]
+        return [triton.Config(dict(zip(names, interp)), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in gpu]
 
 
 _MAX_TILE_ELEMENTS = 16384  # one fp32 register tile (64 KB): 64 registers per thread at 8 warps
@@ -123,16 +124,23 @@ def _prune(limits: dict[str, str], tiles=None):
 
 # ----------------------------------------------------------------------------------------------- forward
 
+# Every GPU config below was compiled for sm_80 and sm_90 (fp16, triton 3.9 and its ptxas, no GPU
+# needed: tests/triton_compile_check.py --all-configs --arch 80 90) at a VGG conv3_1 shape: all fit in
+# 255 registers, spilling at most 136 bytes (BLOCK_N = 256 on sm_80). BLOCK_N = 512 (16 warps, 128
+# registers) and BLOCK_K = 64 spilled more, so they are out. num_stages 2 vs 3 gave the same shared
+# memory: the nested tap/channel loops are not software-pipelined.
 _FWD_CONFIGS = _configs(
+    ("BLOCK_N", "BLOCK_K", "BLOCK_C", "TILE_PIXELS"),
     [
-        {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_C": bc, "TILE_PIXELS": tp}
-        # Wide output-channel blocks avoid recomputing stage 1 per block; they need narrower tiles.
-        for bn, tp in ((64, 128), (128, 64), (128, 128), (256, 32), (256, 64), (512, 32))
-        for bk in (32, 64)
-        for bc in (32, 64)
+        (32, 32, 32, 128, 4, 2),
+        (64, 32, 32, 64, 4, 2),
+        (64, 32, 32, 128, 4, 2),
+        (128, 32, 32, 64, 8, 2),
+        (128, 32, 32, 128, 8, 3),
+        # Wide output-channel blocks avoid recomputing stage 1 per block; they need narrow tiles.
+        (256, 32, 32, 32, 8, 2),
     ],
-    [(4, 2), (8, 3)],
-    {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_C": 16, "TILE_PIXELS": 64},
+    (16, 16, 16, 64),
 )
 
 
@@ -278,15 +286,15 @@ def _sep_conv_fwd_kernel(
 # --------------------------------------------------------------------------------------- grad_input
 
 _BWD_INPUT_CONFIGS = _configs(
+    ("BLOCK_C", "BLOCK_K", "BLOCK_N", "TILE_PIXELS"),
     [
-        {"BLOCK_C": bc, "BLOCK_K": bk, "BLOCK_N": bn, "TILE_PIXELS": tp}
-        # Wide input-channel blocks avoid recomputing gt per block; they need shorter tiles.
-        for bc, tp in ((32, 256), (64, 128), (64, 256), (128, 128), (256, 64))
-        for bk in (32, 64)
-        for bn in (32, 64)
+        (32, 32, 32, 128, 4, 2),
+        (64, 32, 32, 128, 4, 2),
+        (64, 32, 32, 256, 8, 2),
+        # Wide input-channel blocks avoid recomputing gt per block.
+        (128, 32, 32, 128, 8, 2),
     ],
-    [(4, 2), (8, 3)],
-    {"BLOCK_C": 16, "BLOCK_K": 16, "BLOCK_N": 16, "TILE_PIXELS": 64},
+    (16, 16, 16, 64),
 )
 
 
@@ -452,15 +460,17 @@ def _sep_conv_bwd_input_kernel(
 # ----------------------------------------------------------------------------------- weight gradients
 
 _BWD_WEIGHT_CONFIGS = _configs(
+    ("BLOCK_K", "BLOCK_X", "BLOCK_R", "BLOCK_P"),
     [
-        {"BLOCK_K": bk, "BLOCK_X": bx, "BLOCK_R": br, "BLOCK_P": bp}
-        for bk in (32, 64)
-        for bx in (32, 64)
-        for br in (32, 64)
-        for bp in (64, 128)
+        (32, 16, 32, 64, 4, 2),
+        (32, 32, 32, 64, 4, 2),
+        (32, 16, 32, 128, 4, 2),
+        (32, 32, 32, 128, 8, 2),
+        (64, 16, 32, 128, 8, 2),
+        (64, 32, 32, 64, 8, 2),
+        (64, 64, 32, 64, 8, 2),
     ],
-    [(4, 2), (8, 3)],
-    {"BLOCK_K": 16, "BLOCK_X": 16, "BLOCK_R": 16, "BLOCK_P": 64},
+    (16, 16, 16, 64),
 )
 
 
@@ -751,8 +761,19 @@ def _geometry(x, weight_v, weight_h, stride, padding, dilation, groups) -> dict:
     )
 
 
-def _max_cols() -> int:
-    return 16 if _INTERPRET else 64
+def _fwd_columns(OW: int, DH: int, LH: int, SH: int) -> tuple[int, int, int]:
+    """Forward tile width: (BLOCK_COLS intermediate columns incl. halo, output columns per tile, BLOCK_J)."""
+    max_cols = 16 if _INTERPRET else 64
+    halo = (DH - 1) * LH
+    row_span = (OW - 1) * SH + halo + 1  # intermediate columns one whole output row needs
+    block_cols = _pow2(row_span) if row_span <= max_cols else max(max_cols, _pow2(halo + 1 + SH))
+    cols_per_tile = (block_cols - 1 - halo) // SH + 1
+    return block_cols, cols_per_tile, _pow2(min(cols_per_tile, OW))
+
+
+def _bwd_input_columns(W: int) -> int:
+    # Narrow tiles, so a tile has enough rows to amortize the vertical halo.
+    return min(_pow2(W), 16 if _INTERPRET else 32)
 
 
 def sep_conv_forward(
@@ -789,11 +810,7 @@ def _forward(
     if out.numel() == 0:
         return out
     geo = _geometry(input, weight_v, weight_h, stride, padding, dilation, groups)
-    halo = (geo["DH"] - 1) * geo["LH"]
-    row_span = (OW - 1) * geo["SH"] + halo + 1  # intermediate columns one output row needs
-    block_cols = _pow2(row_span) if row_span <= _max_cols() else max(_max_cols(), _pow2(halo + 1 + geo["SH"]))
-    cols_per_tile = (block_cols - 1 - halo) // geo["SH"] + 1
-    block_j = _pow2(min(cols_per_tile, OW))
+    block_cols, cols_per_tile, block_j = _fwd_columns(OW, geo["DH"], geo["LH"], geo["SH"])
     wv = weight_v.contiguous()
     wh = weight_h.contiguous()
     has_bias = bias is not None
@@ -904,7 +921,7 @@ def _backward(
         if nothing_flows:
             grad_input.zero_()
         elif grad_input.numel():
-            block_cols = min(_pow2(geo["W"]), 16 if _INTERPRET else 32)  # narrow tiles, more rows per halo
+            block_cols = _bwd_input_columns(geo["W"])
 
             def grid_x(meta):
                 n_tiles = B * triton.cdiv(geo["H"], meta["ROWS_PER_TILE"]) * triton.cdiv(geo["W"], block_cols)
