@@ -109,10 +109,11 @@ def _prune(limits: dict[str, str], tiles=None):
     register tiles (`tiles(args)` -> element counts) would spill; keep at least the smallest config."""
 
     def prune(configs, named_args, **kwargs):
+        smallest = {block: min(c.kwargs[block] for c in configs) for block in limits}
         kept = []
         for c in configs:
             args = {**named_args, **kwargs, **c.kwargs}
-            if any(c.kwargs[block] > max(16, _pow2(named_args[dim])) for block, dim in limits.items()):
+            if any(c.kwargs[b] > max(smallest[b], _pow2(named_args[dim])) for b, dim in limits.items()):
                 continue
             if tiles is not None and max(tiles(args)) > _MAX_TILE_ELEMENTS:
                 continue
