@@ -59,8 +59,10 @@ Backward (sep_conv_backward; bias is a sum in Python)
       gt[BLOCK_K, P] from grad_out, times the dv row-shifted views of x stacked as [DV_PAD*BLOCK_C, P].
     Weight kernels split the pixel reduction over SPLITS programs writing fp32 partial sums that the host
     adds with one deterministic torch.sum (no atomics). The three kernels recompute gt twice and t once
-    instead of materializing them: each recompute is one stage's FLOPs (what the GPU has in excess for
-    low-rank layers), while materializing costs a write + read of a B*K*H'*W tensor.
+    instead of materializing them: each recompute is one stage's FLOPs, which is cheap where the layer
+    is memory bound (the early, wide layers, where the unfused pair hurts most), while materializing
+    costs a write + read of a B*K*H'*W tensor. On compute-bound layers (rank >= 128) materializing gt
+    once could be faster; that needs a GPU measurement.
 
 Precision: fp32 accumulation for fp16/bf16/fp32 (fp64 accumulates in fp64). The intermediate is rounded
 to the input dtype before the second tl.dot, like the unfused reference. fp32 dots use
