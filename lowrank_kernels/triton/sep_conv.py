@@ -129,7 +129,7 @@ def _prune(limits: dict[str, str], tiles=None):
 
 # Every GPU config below was compiled for sm_80 and sm_90 (fp16, triton 3.9 and its ptxas, no GPU
 # needed: tests/triton_compile_check.py --all-configs --arch 80 90) at a VGG conv3_1 shape: all fit in
-# 255 registers, spilling at most 136 bytes (BLOCK_N = 256 on sm_80). BLOCK_N = 512 (16 warps, 128
+# 255 registers, spilling at most 64 bytes (2 of 48 builds, on sm_80). BLOCK_N = 512 (16 warps, 128
 # registers) and BLOCK_K = 64 spilled more, so they are out. num_stages 2 vs 3 gave the same shared
 # memory: the nested tap/channel loops are not software-pipelined.
 _FWD_CONFIGS = _configs(
@@ -236,8 +236,8 @@ def _sep_conv_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_C)
     x_base = x_ptr + b.to(tl.int64) * sxb + (g * CG).to(tl.int64) * sxc
-    wv_base = wv_ptr + (g * KG).to(tl.int64) * CG * DV
-    wh_base = wh_ptr + (g * NG).to(tl.int64) * KG * DH
+    wv_base = wv_ptr + (g * DV).to(tl.int64) * KG * CG  # weight_v packed (G, dv, Kg, Cg)
+    wh_base = wh_ptr + (g * DH).to(tl.int64) * NG * KG  # weight_h packed (G, dh, Ng, Kg)
 
     acc = tl.zeros([BLOCK_N, OP], dtype=ACC_DTYPE)
     for k0 in range(0, KG, BLOCK_K):
@@ -258,7 +258,7 @@ def _sep_conv_fwd_kernel(
                     other=0.0,
                 )
                 wvt = tl.load(
-                    wv_base + (kk[:, None] * CG + cc[None, :]) * DV + a,
+                    wv_base + (a * KG + kk[:, None]) * CG + cc[None, :],
                     mask=k_ok[:, None] & c_ok[None, :],
                     other=0.0,
                 )
@@ -269,7 +269,7 @@ def _sep_conv_fwd_kernel(
             idx = o_r * BLOCK_COLS + tl.minimum(o_q * SH + e * LH, BLOCK_COLS - 1)
             te = tl.gather(t_in, tl.broadcast_to(idx[None, :], [BLOCK_K, OP]), 1)
             wht = tl.load(
-                wh_base + (offs_n[:, None] * KG + kk[None, :]) * DH + e,
+                wh_base + (e * NG + offs_n[:, None]) * KG + kk[None, :],
                 mask=n_ok[:, None] & k_ok[None, :],
                 other=0.0,
             )
@@ -406,8 +406,8 @@ def _sep_conv_bwd_input_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     gy_base = gy_ptr + b.to(tl.int64) * sgb + (g * NG).to(tl.int64) * sgc
-    wv_base = wv_ptr + (g * KG).to(tl.int64) * CG * DV
-    wh_base = wh_ptr + (g * NG).to(tl.int64) * KG * DH
+    wv_base = wv_ptr + (g * DV).to(tl.int64) * CG * KG  # weight_v packed (G, dv, Cg, Kg)
+    wh_base = wh_ptr + (g * DH).to(tl.int64) * KG * NG  # weight_h packed (G, dh, Kg, Ng)
 
     acc = tl.zeros([BLOCK_C, OP], dtype=ACC_DTYPE)
     for k0 in range(0, KG, BLOCK_K):
@@ -430,7 +430,7 @@ def _sep_conv_bwd_input_kernel(
                     other=0.0,
                 )
                 wht = tl.load(
-                    wh_base + (nn[None, :] * KG + kk[:, None]) * DH + e,
+                    wh_base + (e * KG + kk[:, None]) * NG + nn[None, :],
                     mask=k_ok[:, None] & n_ok[None, :],
                     other=0.0,
                 )
@@ -446,7 +446,7 @@ def _sep_conv_bwd_input_kernel(
             ga = tl.gather(gt_in, tl.broadcast_to(idx[None, :], [BLOCK_K, OP]), 1)
             ga = tl.where(row_ok[None, :], ga, tl.zeros_like(ga))
             wvt = tl.load(
-                wv_base + (kk[None, :] * CG + offs_c[:, None]) * DV + a,
+                wv_base + (a * CG + offs_c[:, None]) * KG + kk[None, :],
                 mask=c_ok[:, None] & k_ok[None, :],
                 other=0.0,
             )
@@ -542,7 +542,7 @@ def _sep_conv_bwd_weight_h_kernel(
     e_of_row = rows // BLOCK_X
     n_of_row = nb * BLOCK_X + rows % BLOCK_X
     row_ok = (e_of_row < DH) & (n_of_row < NG)
-    wv_base = wv_ptr + (g * KG).to(tl.int64) * CG * DV
+    wv_base = wv_ptr + (g * DV).to(tl.int64) * KG * CG  # weight_v packed (G, dv, Kg, Cg)
     n_pix = B * OH * W
     acc = tl.zeros([DH_PAD * BLOCK_X, BLOCK_K], dtype=ACC_DTYPE)
     for tile in range(split, tl.cdiv(n_pix, BLOCK_P), SPLITS):
@@ -565,7 +565,7 @@ def _sep_conv_bwd_weight_h_kernel(
                     other=0.0,
                 )
                 wvt = tl.load(
-                    wv_base + (kk[:, None] * CG + cc[None, :]) * DV + a,
+                    wv_base + (a * KG + kk[:, None]) * CG + cc[None, :],
                     mask=k_ok[:, None] & c_ok[None, :],
                     other=0.0,
                 )
@@ -659,7 +659,7 @@ def _sep_conv_bwd_weight_v_kernel(
     a_of_row = rows // BLOCK_X
     c_of_row = cb * BLOCK_X + rows % BLOCK_X
     row_ok = (a_of_row < DV) & (c_of_row < CG)
-    wh_base = wh_ptr + (g * NG).to(tl.int64) * KG * DH
+    wh_base = wh_ptr + (g * DH).to(tl.int64) * KG * NG  # weight_h packed (G, dh, Kg, Ng)
     n_pix = B * OH * W
     acc = tl.zeros([BLOCK_K, DV_PAD * BLOCK_X], dtype=ACC_DTYPE)
     for tile in range(split, tl.cdiv(n_pix, BLOCK_P), SPLITS):
@@ -683,7 +683,7 @@ def _sep_conv_bwd_weight_v_kernel(
                     other=0.0,
                 )
                 wht = tl.load(
-                    wh_base + (nn[None, :] * KG + kk[:, None]) * DH + e,
+                    wh_base + (e * KG + kk[:, None]) * NG + nn[None, :],
                     mask=k_ok[:, None] & n_ok[None, :],
                     other=0.0,
                 )
@@ -764,6 +764,15 @@ def _geometry(x, weight_v, weight_h, stride, padding, dilation, groups) -> dict:
     )
 
 
+def _pack_weight(weight: torch.Tensor, groups: int, transposed: bool = False) -> torch.Tensor:
+    """weight_v (K, Cg, dv, 1) or weight_h (N, Kg, 1, dh) packed tap-major per group, as
+    (G, taps, out, in), or (G, taps, in, out) if transposed, so that a kernel's [out, in] (or [in, out])
+    weight tile is a row-contiguous, vectorizable load. Weights are small; this is one copy."""
+    out_ch, in_ch = weight.shape[:2]
+    w = weight.reshape(groups, out_ch // groups, in_ch, weight.shape[2] * weight.shape[3])
+    return (w.permute(0, 3, 2, 1) if transposed else w.permute(0, 3, 1, 2)).contiguous()
+
+
 def _fwd_columns(OW: int, DH: int, LH: int, SH: int) -> tuple[int, int, int]:
     """Forward tile width: (BLOCK_COLS intermediate columns incl. halo, output columns per tile, BLOCK_J)."""
     max_cols = 16 if _INTERPRET else 64
@@ -814,8 +823,8 @@ def _forward(
         return out
     geo = _geometry(input, weight_v, weight_h, stride, padding, dilation, groups)
     block_cols, cols_per_tile, block_j = _fwd_columns(OW, geo["DH"], geo["LH"], geo["SH"])
-    wv = weight_v.contiguous()
-    wh = weight_h.contiguous()
+    wv = _pack_weight(weight_v, groups)
+    wh = _pack_weight(weight_h, groups)
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else wv  # never read without HAS_BIAS
 
@@ -903,8 +912,9 @@ def _backward(
     precision = _precision(input.dtype)
     geo = _geometry(input, weight_v, weight_h, stride, padding, dilation, groups)
     fmt = suggest_memory_format(input)
-    wv = weight_v.contiguous()
-    wh = weight_h.contiguous()
+    wv = _pack_weight(weight_v, groups)  # [Kg, Cg] tiles (grad_weight_h recomputes t)
+    wv_t = _pack_weight(weight_v, groups, transposed=True)  # [Cg, Kg] tiles (grad_input)
+    wh_t = _pack_weight(weight_h, groups, transposed=True)  # [Kg, Ng] tiles (grad_input, grad_weight_v)
     empty = input.new_empty((0,))
     common = [
         geo["H"],
@@ -932,8 +942,8 @@ def _backward(
 
             _sep_conv_bwd_input_kernel[grid_x](
                 grad_out,
-                wv,
-                wh,
+                wv_t,
+                wh_t,
                 grad_input,
                 *common,
                 *conv,
@@ -964,7 +974,7 @@ def _backward(
             _sep_conv_bwd_weight_v_kernel[grid_v](
                 input,
                 grad_out,
-                wh,
+                wh_t,
                 part,
                 B,
                 *common,
