@@ -25,7 +25,6 @@ from lowrank_kernels._conv_args import _pair  # noqa: E402
 from lowrank_kernels._reference import sep_conv_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
@@ -44,7 +43,11 @@ def _case(B, C, H, W, K, N, dv, dh, stride=1, padding=0, dilation=1, groups=1, b
     }
     if channels_last:
         tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
-    conv = {"stride": _pair(stride, "stride"), "padding": _pair(padding, "padding"), "dilation": _pair(dilation, "d")}
+    conv = {
+        "stride": _pair(stride, "stride"),
+        "padding": _pair(padding, "padding"),
+        "dilation": _pair(dilation, "dilation"),
+    }
     return tensors, {**conv, "groups": groups}
 
 
@@ -72,7 +75,7 @@ def _check_against_reference(tensors, conv, dtype=torch.float32, device=DEVICE, 
     channels_last = suggest_memory_format(ours["input"]) == torch.channels_last
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last), "output must follow the input's format"
-    if not grads or out.numel() == 0 and ours["input"].shape[0] > 0:
+    if not grads or (out.numel() == 0 and ours["input"].shape[0] > 0):
         return out
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     got = torch.autograd.grad(out, [ours[n] for n in names], grad_out)
