@@ -2,9 +2,10 @@
 
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
-import torch  # noqa: F401  (first: _C links against libtorch, which importing torch loads)
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
-from . import _C  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
+# _C loads the C++ ops into torch.ops.lowrank; _cuda_registration adds the Triton CUDA kernels.
+from . import _C, _cuda_registration, triton  # noqa: F401
 from .compress import compress
 from .export import to_onnx
 from .layers import LowRankLinear, SepConv2d
