@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lowrank_kernels import LowRankLinear, SepConv2d
@@ -198,3 +200,38 @@ def test_bad_layers_and_options():
         SepConv2d(4, 6, 3, rank=2, padding=-1)
     with pytest.raises(ValueError, match="stride"):
         SepConv2d(4, 6, 3, rank=2, stride=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    groups=st.integers(1, 3),
+    c_per_group=st.integers(1, 4),
+    n_per_group=st.integers(1, 4),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    data=st.data(),
+)
+def test_fuzz_decomposition(groups, c_per_group, n_per_group, kernel, stride, padding, dilation, mode, data):
+    conv = nn.Conv2d(
+        groups * c_per_group,
+        groups * n_per_group,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode=mode,
+    ).double()
+    x = torch.randn(2, conv.in_channels, 9, 8, dtype=torch.double)
+    full = full_rank(conv)
+    torch.testing.assert_close(SepConv2d.from_conv(conv, rank=full)(x), conv(x), rtol=1e-9, atol=1e-9)
+    k = data.draw(st.integers(1, full // groups))
+    err = (SepConv2d.from_conv(conv, rank=k * groups).dense_weight() - conv.weight).pow(2).sum().item()
+    tail = sum(
+        float((np.linalg.svd(tai_matrix_numpy(conv.weight, groups, i), compute_uv=False)[k:] ** 2).sum())
+        for i in range(groups)
+    )
+    assert err == pytest.approx(tail, rel=1e-8, abs=1e-12)
