@@ -77,9 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite name and the options every suite shares; the suite's own options are added
     when the command line is parsed."""
     parser.__class__ = _BenchArgumentParser
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument(
-        "suite", nargs="?", default=DEFAULT_SUITE, choices=list(SUITES), help="which benchmark suite to run"
+        "suite",
+        nargs="?",
+        default=DEFAULT_SUITE,
+        choices=list(SUITES),
+        help=f"which benchmark suite to run (default: {DEFAULT_SUITE})",
     )
     shared = parser.add_argument_group("options every suite shares")
     shared.add_argument(
@@ -88,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU thread counts, comma-separated (e.g. 1,2 for the scaling ratio); default: min(2, cores)",
     )
-    shared.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the JSON and PNG go")
+    shared.add_argument(
+        "--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=f"where the JSON and PNG go (default: {DEFAULT_OUT_DIR})"
+    )
     shared.add_argument("--json", type=Path, default=None, help="JSON results path (default: OUT_DIR/SUITE-TIME.json)")
     shared.add_argument("--plot", type=Path, default=None, help="PNG plot path (default: OUT_DIR/SUITE-TIME.png)")
 

@@ -22,6 +22,7 @@ released; conv1_1 (C=3, which Tai et al. leave dense) is not part of it.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -494,16 +495,23 @@ def _plot(path, rows: Sequence[dict[str, Any]], modes: Sequence[str], batches: S
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The sep_conv suite's own options (the CLI adds --threads and the output paths)."""
-    parser.add_argument("--net", default="vgg16", choices=list(NETS), help="which network's layers to run")
+    parser.add_argument(
+        "--net", default="vgg16", choices=list(NETS), help="which network's layers to run (default: vgg16)"
+    )
     parser.add_argument(
         "--layers",
         default=None,
         help="comma-separated layer names of --net, or custom layers NAME:CxNrK@H[xW][kD] (default: all)",
     )
-    parser.add_argument("--batch", type=_positive_ints, default=[1, 8], help="batch sizes, comma-separated")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument(
-        "--mode", default="both", choices=[*MODES, "both"], help="forward only, forward+backward, or both"
+        "--batch", type=_positive_ints, default=[1, 8], help="batch sizes, comma-separated (default: 1,8)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="default: float32")
+    parser.add_argument(
+        "--mode",
+        default="both",
+        choices=[*MODES, "both"],
+        help="forward only, forward+backward (all gradients), or both (default: both)",
     )
     parser.add_argument(
         "--rounds",
@@ -511,11 +519,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"timed rounds per row (default {DEFAULT_ROUNDS}; {QUICK_ROUNDS} with --quick)",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate before the rounds")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per candidate before the rounds (default: 1)"
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROUNDS} rounds per row: a fast, noisier look")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cpu", "cuda"],
+        help="default: cuda if available",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random data and round order (default: 0)")
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -538,6 +553,7 @@ def run(args: argparse.Namespace) -> int:
     if rounds < 1 or args.warmup < 0:
         raise SystemExit("lowrank bench sep_conv: --rounds must be >= 1 and --warmup >= 0")
     dtype = DTYPES[args.dtype]
+    load = harness.machine_info()["loadavg_1_5_15min"]
     modes = list(MODES) if args.mode == "both" else [args.mode]
     # CPU thread counts are interleaved within each row; on CUDA they do not apply.
     threads: list[int | None] = sorted(set(args.threads)) if args.device == "cpu" else [None]
@@ -568,7 +584,11 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
 
     dev = args.device if args.device != "cpu" else f"cpu, {harness.machine_info()['cpu']}"
-    print(f"\nsep_conv suite ({args.net}), {args.dtype}, {dev}, {rounds} rounds per row\n")
+    print(f"\nsep_conv suite ({args.net}), {args.dtype}, {dev}, {rounds} rounds per row")
+    if load is not None:
+        print(f"load average before the run (1/5/15 min): {load} on {os.cpu_count()} cores", end="")
+        print(" - other processes were running: expect noise" if load[0] > 0.5 else "")
+    print()
     for mode in modes:
         for t in threads:
             sel = [r for r in rows if r["mode"] == mode]
@@ -595,6 +615,7 @@ def run(args: argparse.Namespace) -> int:
             "suite": "sep_conv",
             "args": {k: v if isinstance(v, int | float | list | None) else str(v) for k, v in vars(args).items()},
             "rounds": rounds,
+            "loadavg_before": load,
             "candidates": CANDIDATES,
             "rows": [{**r, "derived": {str(t): derived(r, t) for t in threads}} for r in rows],
             "targets": targets,
