@@ -9,7 +9,6 @@ are compared as ratios."""
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import os
 import platform
@@ -81,7 +80,7 @@ def time_interleaved(
             samples[name].append(elapsed * 1e3 / calls)
     out = {}
     for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+        q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
         out[name] = Timing(statistics.median(s), q[0], q[2], min(s), len(s))
     return out
 
@@ -185,7 +184,6 @@ def peak_memory_mib(fn: Callable[[], Any], *, device: str = "cpu", repeats: int 
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     best = None
     for _ in range(repeats):
-        gc.collect()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -137,8 +137,6 @@ def parse_layers(spec: str | None, net: str = "vgg16") -> list[ConvLayer]:
         layer = ConvLayer(m["name"], int(m["c"]), int(m["n"]), int(m["k"]), h, int(m["w"] or h), int(m["d"] or 3))
         if min(layer.in_channels, layer.out_channels, layer.rank, layer.height, layer.width, layer.kernel) < 1:
             raise ValueError(f"--layers: every size in {token!r} must be positive")
-        if min(layer.out_hw) < 1:
-            raise ValueError(f"--layers: kernel {layer.kernel} does not fit the {h}x{layer.width} input in {token!r}")
         layers.append(layer)
     if not layers:
         raise ValueError("--layers: no layers given")
