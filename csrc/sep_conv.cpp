@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 namespace lowrank {
@@ -157,7 +158,9 @@ struct Tiling {
 // even and odd tiles in separate passes: there a tile must be at least as tall as the
 // vertical halo so that tiles two apart never touch the same input rows.
 Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes) {
-  const int64_t budget = 256 * 1024;
+  // LOWRANK_TILE_KB overrides the budget (for tuning on other CPUs; see README).
+  const char* env = std::getenv("LOWRANK_TILE_KB");
+  const int64_t budget = (env ? std::atoll(env) : 256) * 1024;
   const int64_t H = s.out_height;
   const int64_t min_rows = passes == 1 ? 1 : std::max<int64_t>(1, (s.dil_v * (s.dv - 1)) / s.stride_v);
   const int64_t max_per_image = std::max<int64_t>(1, H / min_rows);
