@@ -1,5 +1,6 @@
-"""The one benchmark harness: interleaved timing, tables, JSON. Every suite (`lowrank bench
-<suite>`) and every pytest-benchmark file in bench/ times through `time_interleaved`.
+"""The one benchmark harness: interleaved timing, tables, JSON, plots and peak memory. Every
+suite (`lowrank bench <suite>`) and every pytest-benchmark file in bench/ times through
+`time_interleaved`.
 
 Machines here are shared and noisy, so candidates are never timed one after the other:
 each round runs every candidate once, in a fresh random order, and the medians over rounds
@@ -7,13 +8,15 @@ are compared as ratios."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import platform
 import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +80,7 @@ def time_interleaved(
             samples[name].append(elapsed * 1e3 / calls)
     out = {}
     for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+        q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
         out[name] = Timing(statistics.median(s), q[0], q[2], min(s), len(s))
     return out
 
@@ -92,8 +95,14 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = None
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cores": os.cpu_count(),
+        "loadavg_1_5_15min": load,
         "cpu": cpu,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -130,4 +139,120 @@ def save_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"machine": machine_info(), **payload}
     path.write_text(json.dumps(data, indent=2, default=_jsonable))
+    return path
+
+
+_PROC_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(key: str) -> int:
+    for line in _PROC_STATUS.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _malloc_trim() -> None:
+    # Hand freed heap pages back to the OS, so that memory a call allocates anew shows up
+    # in the peak RSS instead of being recycled unseen from glibc's free lists.
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_peak_supported() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+        _status_kib("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+def peak_memory_mib(fn: Callable[[], Any], *, device: str = "cpu", repeats: int = 2) -> float | None:
+    """Peak extra memory of one call of `fn` in MiB (the smallest over `repeats` calls).
+
+    CPU: the process's peak resident set size during the call minus its size just before,
+    read from /proc (the peak is reset through /proc/self/clear_refs). This sees every
+    allocation - torch tensors, oneDNN scratch pads and a C++ kernel's own buffers - and
+    counts the call's result too. Returns None where /proc does not offer this.
+    CUDA: torch's allocator peak minus the memory allocated before the call.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    best = None
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            result = fn()
+            torch.cuda.synchronize()
+            extra = (torch.cuda.max_memory_allocated() - before) / 2**20
+        else:
+            if not _rss_peak_supported():
+                return None
+            _malloc_trim()
+            _CLEAR_REFS.write_text("5")  # peak RSS := current RSS
+            before = _status_kib("VmRSS")
+            result = fn()
+            extra = (_status_kib("VmHWM") - before) / 1024
+        del result
+        best = extra if best is None else min(best, extra)
+    return max(best, 0.0)
+
+
+@dataclass
+class PlotPanel:
+    """One panel of `plot_grouped_bars`: bars per group label, plus reference levels per group
+    (drawn as short horizontal segments across each group, e.g. an ideal speedup)."""
+
+    title: str
+    labels: Sequence[str]
+    bars: Mapping[str, Sequence[float | None]]
+    levels: Mapping[str, Sequence[float | None]] = field(default_factory=dict)
+    ylabel: str | None = None  # default: plot_grouped_bars' ylabel
+
+
+def plot_grouped_bars(
+    path: str | Path, panels: Sequence[PlotPanel], *, ylabel: str, title: str = "", ncols: int = 2
+) -> Path:
+    """Write a PNG with one grouped bar chart per panel (matplotlib, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("plot_grouped_bars needs at least one panel")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(7.5 * ncols, 4.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    level_styles = [("black", "-"), ("tab:red", "--"), ("tab:gray", ":")]
+    for ax, panel in zip(axes, panels):
+        n = len(panel.labels)
+        width = 0.8 / max(1, len(panel.bars))
+        for i, (name, values) in enumerate(panel.bars.items()):
+            xs = [g - 0.4 + width * (i + 0.5) for g in range(n)]
+            ys = [float("nan") if v is None else v for v in values]
+            ax.bar(xs, ys, width=width, label=name)
+        for (name, values), (color, style) in zip(panel.levels.items(), level_styles):
+            for g, v in enumerate(values):
+                if v is not None:
+                    ax.hlines(v, g - 0.45, g + 0.45, colors=color, linestyles=style, label=name if g == 0 else None)
+        ax.set_xticks(range(n), list(panel.labels), rotation=45, ha="right")
+        ax.set_title(panel.title)
+        ax.set_ylabel(panel.ylabel or ylabel)
+        ax.axhline(1.0, color="gray", linewidth=0.6)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
     return path

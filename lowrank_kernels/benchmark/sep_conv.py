@@ -1,0 +1,625 @@
+"""The sep_conv suite: fused `sep_conv` against dense convolution and the unfused pair.
+
+Per layer and batch size, ONE interleaved run (`harness.time_interleaved`) times six candidates:
+
+    dense       F.conv2d with the full d x d kernel (oneDNN on CPU, cuDNN on CUDA), NCHW input
+    dense_cl    the same on channels_last input
+    unfused     the two F.conv2d calls users run today (`_reference.sep_conv_reference`), NCHW
+    unfused_cl  the same on channels_last input
+    sep         `lowrank_kernels.sep_conv`, NCHW
+    sep_cl      `lowrank_kernels.sep_conv`, channels_last
+
+"_cl" candidates get channels_last activations (input, output, output gradient); weights
+stay in their default layout for every candidate. In train mode each candidate runs
+forward + backward and returns every gradient (input, weights, bias), through autograd.
+Several thread counts (`--threads 1,2`) are interleaved in the same run, so their ratio
+is as trustworthy as the others.
+
+The default layer set is VGG-16's 3x3 layers at 224x224 with the ranks Tai et al. (2016)
+released; conv1_1 (C=3, which Tai et al. leave dense) is not part of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._reference import sep_conv_reference
+from . import harness
+
+CANDIDATES = ("dense", "dense_cl", "unfused", "unfused_cl", "sep", "sep_cl")
+SEP_FORMATS = {"sep": "NCHW", "sep_cl": "channels_last"}
+MODES = ("forward", "train")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DEFAULT_ROUNDS = 7
+QUICK_ROUNDS = 3
+MIN_ROUND_S = 0.02  # repeat sub-20 ms calls within a round
+# Largest max|a - b| / max|b| accepted between sep_conv and the unfused pair before the
+# table flags the row: a benchmark of a wrong kernel means nothing.
+_CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """A d x d convolution (stride 1, 'same' padding) and the rank of its separable factorization."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    rank: int
+    height: int
+    width: int
+    kernel: int = 3
+    groups: int = 1
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        shrink = self.kernel - 1 - 2 * self.padding
+        return self.height - shrink, self.width - shrink
+
+    def dense_flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the dense forward (bias ignored)."""
+        oh, ow = self.out_hw
+        return 2 * batch * oh * ow * self.out_channels * (self.in_channels // self.groups) * self.kernel**2
+
+    def lowrank_flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the two factors' forward (bias ignored)."""
+        oh, ow = self.out_hw
+        d, g = self.kernel, self.groups
+        vertical = batch * oh * self.width * self.rank * (self.in_channels // g) * d
+        horizontal = batch * oh * ow * self.out_channels * (self.rank // g) * d
+        return 2 * (vertical + horizontal)
+
+    @property
+    def flop_ratio(self) -> float:
+        return self.dense_flops(1) / self.lowrank_flops(1)
+
+
+def _vgg16() -> tuple[ConvLayer, ...]:
+    # (name, C, N, Tai et al.'s rank, spatial size at 224x224 input)
+    layers = [
+        ("conv1_2", 64, 64, 24, 224),
+        ("conv2_1", 64, 128, 48, 112),
+        ("conv2_2", 128, 128, 48, 112),
+        ("conv3_1", 128, 256, 64, 56),
+        ("conv3_2", 256, 256, 128, 56),
+        ("conv3_3", 256, 256, 160, 56),
+        ("conv4_1", 256, 512, 192, 28),
+        ("conv4_2", 512, 512, 192, 28),
+        ("conv4_3", 512, 512, 256, 28),
+        ("conv5_1", 512, 512, 320, 14),
+        ("conv5_2", 512, 512, 320, 14),
+        ("conv5_3", 512, 512, 320, 14),
+    ]
+    return tuple(ConvLayer(n, c, o, k, s, s) for n, c, o, k, s in layers)
+
+
+NETS: dict[str, tuple[ConvLayer, ...]] = {"vgg16": _vgg16()}
+
+_SPEC = re.compile(r"^(?P<name>\w+):(?P<c>\d+)x(?P<n>\d+)r(?P<k>\d+)@(?P<h>\d+)(?:x(?P<w>\d+))?(?:k(?P<d>\d+))?$")
+
+
+def parse_layers(spec: str | None, net: str = "vgg16") -> list[ConvLayer]:
+    """Layers for `--layers`: comma-separated names from `net`, or custom layers written
+    `NAME:CxNrK@H[xW][kD]` (e.g. `tiny:8x16r4@12x10k3`: 8 -> 16 channels, rank 4, 12x10 input,
+    3x3 kernel). None means all layers of `net`."""
+    if net not in NETS:
+        raise ValueError(f"--net: unknown network {net!r}; choose from {', '.join(NETS)}")
+    known = {layer.name: layer for layer in NETS[net]}
+    if spec is None:
+        return list(NETS[net])
+    layers = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if token in known:
+            layers.append(known[token])
+            continue
+        m = _SPEC.match(token)
+        if m is None:
+            raise ValueError(
+                f"--layers: {token!r} is neither a {net} layer ({', '.join(known)}) nor a custom layer "
+                "NAME:CxNrK@H[xW][kD] such as tiny:8x16r4@12x10k3"
+            )
+        h = int(m["h"])
+        layer = ConvLayer(m["name"], int(m["c"]), int(m["n"]), int(m["k"]), h, int(m["w"] or h), int(m["d"] or 3))
+        if min(layer.in_channels, layer.out_channels, layer.rank, layer.height, layer.width, layer.kernel) < 1:
+            raise ValueError(f"--layers: every size in {token!r} must be positive")
+        layers.append(layer)
+    if not layers:
+        raise ValueError("--layers: no layers given")
+    return layers
+
+
+def make_candidates(
+    layer: ConvLayer,
+    batch: int,
+    *,
+    mode: str = "forward",
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, Callable[[], Any]]:
+    """The six candidates of one benchmark row as zero-argument callables.
+
+    Forward candidates return the output; train candidates return the gradients
+    (input, weight(s), bias) of forward + backward against a fixed output gradient."""
+    import lowrank_kernels
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    gen = torch.Generator().manual_seed(seed)
+    c, n, k, d, g = layer.in_channels, layer.out_channels, layer.rank, layer.kernel, layer.groups
+
+    def param(*shape: int, fan_in: int) -> torch.Tensor:
+        # Unit-variance activations through the layer: no overflow and no denormals.
+        t = torch.randn(*shape, generator=gen) / fan_in**0.5
+        return t.to(device=device, dtype=dtype)
+
+    x = param(batch, c, layer.height, layer.width, fan_in=1)
+    weight = param(n, c // g, d, d, fan_in=c // g * d * d)
+    weight_v = param(k, c // g, d, 1, fan_in=c // g * d)
+    weight_h = param(n, k // g, 1, d, fan_in=k // g * d)
+    bias = param(n, fan_in=1)
+    train = mode == "train"
+    for t in (x, weight, weight_v, weight_h, bias):
+        t.requires_grad_(train)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(train)
+    p = layer.padding
+    grad_out = param(batch, n, *layer.out_hw, fan_in=1)
+
+    def dense(inp: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(inp, weight, bias, 1, p, 1, g)
+
+    def unfused(inp: torch.Tensor) -> torch.Tensor:
+        return sep_conv_reference(inp, weight_v, weight_h, bias, (1, 1), (p, p), (1, 1), g)
+
+    def sep(inp: torch.Tensor) -> torch.Tensor:
+        return lowrank_kernels.sep_conv(inp, weight_v, weight_h, bias, 1, p, 1, g)
+
+    def bind(op: Callable[[torch.Tensor], torch.Tensor], inp: torch.Tensor, params: tuple) -> Callable[[], Any]:
+        if not train:
+            return lambda: op(inp)
+        wrt = (inp, *params, bias)
+        go = grad_out.contiguous(memory_format=torch.channels_last if inp is x_cl else torch.contiguous_format)
+        return lambda: torch.autograd.grad(op(inp), wrt, go)
+
+    return {
+        "dense": bind(dense, x, (weight,)),
+        "dense_cl": bind(dense, x_cl, (weight,)),
+        "unfused": bind(unfused, x, (weight_v, weight_h)),
+        "unfused_cl": bind(unfused, x_cl, (weight_v, weight_h)),
+        "sep": bind(sep, x, (weight_v, weight_h)),
+        "sep_cl": bind(sep, x_cl, (weight_v, weight_h)),
+    }
+
+
+def max_rel_error(result: Any, reference: Any) -> float:
+    """max |a - b| / max |b| over a tensor or a tuple of tensors (worst element)."""
+    if isinstance(result, torch.Tensor):
+        result, reference = (result,), (reference,)
+    worst = 0.0
+    for a, b in zip(result, reference, strict=True):
+        a, b = a.detach().double(), b.detach().double()
+        scale = b.abs().max().item() if b.numel() else 0.0
+        err = (a - b).abs().max().item() if b.numel() else 0.0
+        worst = max(worst, err / scale if scale > 0 else err)
+    return worst
+
+
+def mode_flops(layer: ConvLayer, batch: int, mode: str) -> tuple[int, int]:
+    """(dense, low-rank) FLOPs of one call in `mode`: a training step is the forward plus the
+    input-gradient and weight-gradient convolutions, 3x the forward (bias sums ignored)."""
+    factor = 3 if mode == "train" else 1
+    return factor * layer.dense_flops(batch), factor * layer.lowrank_flops(batch)
+
+
+def _with_threads(fn: Callable[[], Any], threads: int | None) -> Callable[[], Any]:
+    if threads is None:
+        return fn
+
+    def call() -> Any:
+        torch.set_num_threads(threads)
+        return fn()
+
+    return call
+
+
+def _key(name: str, threads: int | None) -> str:
+    return name if threads is None else f"{name}@{threads}"
+
+
+def measure_row(
+    layer: ConvLayer,
+    batch: int,
+    *,
+    mode: str,
+    dtype: torch.dtype,
+    device: str,
+    threads: Sequence[int | None],
+    rounds: int,
+    warmup: int = 1,
+    memory: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One interleaved run of every candidate at every thread count, plus the correctness check
+    and peak memory of one row; returns the row's record (also what goes into the JSON)."""
+    fns = make_candidates(layer, batch, mode=mode, dtype=dtype, device=device, seed=seed)
+    top = threads[-1]
+    if top is not None:
+        torch.set_num_threads(top)
+    outputs = {name: fns[name]() for name in ("unfused", "unfused_cl", "sep", "sep_cl")}
+    errors = {
+        "sep": max_rel_error(outputs["sep"], outputs["unfused"]),
+        "sep_cl": max_rel_error(outputs["sep_cl"], outputs["unfused_cl"]),
+    }
+    del outputs
+    timed = {_key(name, t): _with_threads(fn, t) for t in threads for name, fn in fns.items()}
+    timings = harness.time_interleaved(
+        timed, rounds=rounds, warmup=warmup, min_round_s=MIN_ROUND_S, device=device, seed=seed
+    )
+    if top is not None:
+        torch.set_num_threads(top)
+    mem = {name: harness.peak_memory_mib(fn, device=device) for name, fn in fns.items()} if memory else {}
+    dense_flops, lowrank_flops = mode_flops(layer, batch, mode)
+    intermediate = batch * layer.rank * layer.out_hw[0] * layer.width * torch.finfo(dtype).bits // 8
+    output = batch * layer.out_channels * layer.out_hw[0] * layer.out_hw[1] * torch.finfo(dtype).bits // 8
+    return {
+        "layer": asdict(layer),
+        "name": layer.name,
+        "batch": batch,
+        "mode": mode,
+        "dense_flops": dense_flops,
+        "lowrank_flops": lowrank_flops,
+        "flop_ratio": dense_flops / lowrank_flops,
+        "timings": timings,
+        "max_rel_error": errors,
+        "check_tolerance": _CHECK_TOL[dtype],
+        "peak_memory_mib": mem,
+        "output_mib": output / 2**20,
+        "intermediate_mib": intermediate / 2**20,
+    }
+
+
+def derived(row: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """Per-row numbers at one thread count: ms, GFLOP/s, speedups, efficiency."""
+    ms = {name: row["timings"][_key(name, threads)].median_ms for name in CANDIDATES}
+    best_dense = min(ms["dense"], ms["dense_cl"])
+    best_unfused = min(ms["unfused"], ms["unfused_cl"])
+    ratio = row["flop_ratio"]
+    out: dict[str, Any] = {"ms": ms, "best_dense_ms": best_dense, "best_unfused_ms": best_unfused}
+    out["gflops"] = {
+        name: (row["dense_flops"] if name.startswith("dense") else row["lowrank_flops"]) / (t * 1e6)
+        for name, t in ms.items()
+    }
+    out["unfused_speedup"] = best_dense / best_unfused
+    for sep in SEP_FORMATS:
+        out[f"{sep}_speedup"] = best_dense / ms[sep]
+        out[f"{sep}_vs_unfused"] = best_unfused / ms[sep]
+        out[f"{sep}_efficiency"] = best_dense / ms[sep] / ratio
+    return out
+
+
+def thread_scaling(row: dict[str, Any], lo: int, hi: int) -> dict[str, float]:
+    """time at `lo` threads / time at `hi` threads, per candidate."""
+    t = row["timings"]
+    return {name: t[_key(name, lo)].median_ms / t[_key(name, hi)].median_ms for name in CANDIDATES}
+
+
+@dataclass
+class Target:
+    """One of issue 3's targets: `metric` (a `derived` key or 'scaling') >= `need` on the rows
+    `applies` selects."""
+
+    mode: str
+    text: str
+    metric: str
+    need: float
+    applies: Callable[[dict[str, Any]], bool] = lambda row: True
+
+
+TARGETS = (
+    Target("forward", "sep_conv / best unfused pair, every layer", "vs_unfused", 0.95),
+    Target("forward", "sep_conv / best unfused pair, conv1_2", "vs_unfused", 1.5, lambda r: r["name"] == "conv1_2"),
+    Target(
+        "forward",
+        "sep_conv / best unfused pair, conv2_1+conv2_2 b8",
+        "vs_unfused",
+        1.25,
+        lambda r: r["name"] in ("conv2_1", "conv2_2") and r["batch"] == 8,
+    ),
+    Target("forward", "efficiency = speedup over dense / FLOP ratio", "efficiency", 0.85),
+    Target("train", "sep_conv / best unfused pair, every layer", "vs_unfused", 1.0),
+    Target("train", "efficiency = speedup over dense / FLOP ratio", "efficiency", 0.6),
+    Target("forward", "2 threads / 1 thread at batch 8", "scaling", 1.7, lambda r: r["batch"] == 8),
+    Target("train", "2 threads / 1 thread at batch 8", "scaling", 1.7, lambda r: r["batch"] == 8),
+)
+
+
+def evaluate_targets(rows: Sequence[dict[str, Any]], threads: Sequence[int | None]) -> list[dict[str, Any]]:
+    """Issue 3's targets on the measured rows: per target and sep_conv memory format, the min and
+    median over the rows it applies to, PASS/FAIL, and the failing rows. Targets are defined at
+    2 threads; runs without 2 threads are judged at their largest thread count."""
+    at = 2 if 2 in threads else threads[-1]
+    results = []
+    for target in TARGETS:
+        if target.metric == "scaling" and not (1 in threads and 2 in threads):
+            continue
+        chosen = [r for r in rows if r["mode"] == target.mode and target.applies(r)]
+        if not chosen:
+            continue
+        for sep, fmt in SEP_FORMATS.items():
+            values = []
+            for r in chosen:
+                if target.metric == "scaling":
+                    v = thread_scaling(r, 1, 2)[sep]
+                else:
+                    v = derived(r, at)[f"{sep}_{target.metric}"]
+                values.append((f"{r['name']}/b{r['batch']}", v))
+            failing = [f"{label} {v:.2f}" for label, v in values if v < target.need]
+            results.append(
+                {
+                    "mode": target.mode,
+                    "target": target.text,
+                    "format": fmt,
+                    "threads": "1->2" if target.metric == "scaling" else at,
+                    "need": target.need,
+                    "min": min(v for _, v in values),
+                    "median": statistics.median(v for _, v in values),
+                    "rows": len(values),
+                    "result": "PASS" if not failing else "FAIL",
+                    "failing": ", ".join(failing) or "-",
+                    "values": dict(values),
+                }
+            )
+    return results
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str | None:
+    return None if v is None else format(v, spec)
+
+
+def format_tables(rows: Sequence[dict[str, Any]], threads: int | None) -> str:
+    """The two tables of one mode and thread count: times and GFLOP/s, then ratios and memory."""
+    time_rows, ratio_rows = [], []
+    for r in rows:
+        d = derived(r, threads)
+        lay = r["layer"]
+        base = {"layer": r["name"], "B": r["batch"]}
+        time_rows.append(
+            {
+                **base,
+                "C>N": f"{lay['in_channels']}>{lay['out_channels']}",
+                "K": lay["rank"],
+                **{f"{n} ms": _fmt(d["ms"][n]) for n in CANDIDATES},
+                "dense* GF/s": _fmt(max(d["gflops"]["dense"], d["gflops"]["dense_cl"]), ".1f"),
+                "unf* GF/s": _fmt(max(d["gflops"]["unfused"], d["gflops"]["unfused_cl"]), ".1f"),
+                "sep GF/s": _fmt(d["gflops"]["sep"], ".1f"),
+                "sep_cl GF/s": _fmt(d["gflops"]["sep_cl"], ".1f"),
+            }
+        )
+        mem = r["peak_memory_mib"]
+        bad = [s for s, e in r["max_rel_error"].items() if not e <= r["check_tolerance"]]
+        ratio_rows.append(
+            {
+                **base,
+                "FLOP ratio": _fmt(r["flop_ratio"]),
+                "unf* x": _fmt(d["unfused_speedup"]),
+                "sep x": _fmt(d["sep_speedup"]),
+                "sep_cl x": _fmt(d["sep_cl_speedup"]),
+                "sep/unf*": _fmt(d["sep_vs_unfused"]),
+                "sep_cl/unf*": _fmt(d["sep_cl_vs_unfused"]),
+                "eff": _fmt(d["sep_efficiency"]),
+                "eff_cl": _fmt(d["sep_cl_efficiency"]),
+                **{f"MiB {n}": _fmt(mem.get(n), ".1f") for n in ("unfused", "unfused_cl", "sep", "sep_cl")},
+                "MiB out": _fmt(r["output_mib"], ".1f"),
+                "check": "ok" if not bad else "WRONG " + ",".join(bad),
+            }
+        )
+    return (
+        harness.format_table(time_rows, list(time_rows[0]))
+        + "\n\n"
+        + harness.format_table(ratio_rows, list(ratio_rows[0]))
+    )
+
+
+LEGEND = """\
+ms: median per call; * = the faster of NCHW and channels_last. GF/s: dense FLOPs for dense, low-rank FLOPs otherwise.
+x: speedup over dense* (ideal = FLOP ratio); sep/unf*: sep_conv speedup over the best unfused pair;
+eff: sep_conv GFLOP/s / dense* GFLOP/s (= x / FLOP ratio). MiB: peak extra memory of one call
+(process peak RSS during the call minus before it, output included; MiB out = the output's size).
+check: sep_conv's result against the unfused pair (max rel. error <= tolerance)."""
+
+
+def format_thread_scaling(rows: Sequence[dict[str, Any]], lo: int, hi: int) -> str:
+    table = []
+    for r in rows:
+        s = thread_scaling(r, lo, hi)
+        table.append({"layer": r["name"], "B": r["batch"], **{f"{n} {hi}t/{lo}t": _fmt(s[n]) for n in CANDIDATES}})
+    return harness.format_table(table, list(table[0]))
+
+
+def _plot(path, rows: Sequence[dict[str, Any]], modes: Sequence[str], batches: Sequence[int], threads, title: str):
+    at = 2 if 2 in threads else threads[-1]
+    panels = []
+    for mode in modes:
+        need = next(t.need for t in TARGETS if t.mode == mode and t.metric == "efficiency")
+        for batch in batches:
+            sel = [r for r in rows if r["mode"] == mode and r["batch"] == batch]
+            if not sel:
+                continue
+            ds = [derived(r, at) for r in sel]
+            panels.append(
+                harness.PlotPanel(
+                    title=f"{mode}, batch {batch}" + (f", {at} threads" if at else ""),
+                    labels=[r["name"] for r in sel],
+                    bars={
+                        "unfused pair (best format)": [d["unfused_speedup"] for d in ds],
+                        "sep_conv NCHW": [d["sep_speedup"] for d in ds],
+                        "sep_conv channels_last": [d["sep_cl_speedup"] for d in ds],
+                    },
+                    levels={
+                        "FLOP ratio (ideal)": [r["flop_ratio"] for r in sel],
+                        f"{need} x FLOP ratio (target)": [need * r["flop_ratio"] for r in sel],
+                    },
+                )
+            )
+        if 1 in threads and 2 in threads:
+            sel = [r for r in rows if r["mode"] == mode and r["batch"] == max(batches)]
+            scale = [thread_scaling(r, 1, 2) for r in sel]
+            panels.append(
+                harness.PlotPanel(
+                    title=f"{mode}, batch {max(batches)}: 2 threads / 1 thread",
+                    labels=[r["name"] for r in sel],
+                    bars={n: [s[n] for s in scale] for n in ("dense", "unfused", "sep", "sep_cl")},
+                    levels={"ideal": [2.0] * len(sel), "target 1.7": [1.7] * len(sel)},
+                    ylabel="time at 1 thread / time at 2 threads",
+                )
+            )
+    return harness.plot_grouped_bars(path, panels, ylabel="speedup over dense conv (best format)", title=title)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sep_conv suite's own options (the CLI adds --threads and the output paths)."""
+    parser.add_argument(
+        "--net", default="vgg16", choices=list(NETS), help="which network's layers to run (default: vgg16)"
+    )
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated layer names of --net, or custom layers NAME:CxNrK@H[xW][kD] (default: all)",
+    )
+    parser.add_argument(
+        "--batch", type=_positive_ints, default=[1, 8], help="batch sizes, comma-separated (default: 1,8)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="default: float32")
+    parser.add_argument(
+        "--mode",
+        default="both",
+        choices=[*MODES, "both"],
+        help="forward only, forward+backward (all gradients), or both (default: both)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"timed rounds per row (default {DEFAULT_ROUNDS}; {QUICK_ROUNDS} with --quick)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per candidate before the rounds (default: 1)"
+    )
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROUNDS} rounds per row: a fast, noisier look")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cpu", "cuda"],
+        help="default: cuda if available",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random data and round order (default: 0)")
+
+
+def _positive_ints(text: str) -> list[int]:
+    from .cli import _int_list
+
+    return _int_list(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suite: progress while it runs, tables and target summary at the end, JSON + PNG."""
+    from tqdm import tqdm
+
+    try:
+        layers = parse_layers(args.layers, args.net)
+    except ValueError as e:
+        raise SystemExit(f"lowrank bench sep_conv: {e}") from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("lowrank bench sep_conv: --device cuda, but CUDA is not available")
+    rounds = args.rounds if args.rounds is not None else (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    if rounds < 1 or args.warmup < 0:
+        raise SystemExit("lowrank bench sep_conv: --rounds must be >= 1 and --warmup >= 0")
+    dtype = DTYPES[args.dtype]
+    load = harness.machine_info()["loadavg_1_5_15min"]
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+    # CPU thread counts are interleaved within each row; on CUDA they do not apply.
+    threads: list[int | None] = sorted(set(args.threads)) if args.device == "cpu" else [None]
+    jobs = [(m, b, layer) for m in modes for b in args.batch for layer in layers]
+    rows = []
+    bar = tqdm(jobs, desc="sep_conv bench", unit="row", dynamic_ncols=True)
+    for mode, batch, layer in bar:
+        bar.set_postfix_str(f"{mode} {layer.name} b{batch}")
+        row = measure_row(
+            layer,
+            batch,
+            mode=mode,
+            dtype=dtype,
+            device=args.device,
+            threads=threads,
+            rounds=rounds,
+            warmup=args.warmup,
+            memory=not args.no_memory,
+            seed=args.seed,
+        )
+        rows.append(row)
+        d = derived(row, threads[-1])
+        bar.write(
+            f"{mode:7s} {layer.name:>8s} b{batch}: dense* {d['best_dense_ms']:.2f} ms, unfused* "
+            f"{d['best_unfused_ms']:.2f} ms, sep {d['ms']['sep']:.2f} / sep_cl {d['ms']['sep_cl']:.2f} ms "
+            f"(FLOP ratio {row['flop_ratio']:.2f}, sep x {d['sep_speedup']:.2f}, sep/unf* {d['sep_vs_unfused']:.2f})"
+        )
+    bar.close()
+
+    dev = args.device if args.device != "cpu" else f"cpu, {harness.machine_info()['cpu']}"
+    print(f"\nsep_conv suite ({args.net}), {args.dtype}, {dev}, {rounds} rounds per row")
+    if load is not None:
+        print(f"load average before the run (1/5/15 min): {load} on {os.cpu_count()} cores", end="")
+        print(" - other processes were running: expect noise" if load[0] > 0.5 else "")
+    print()
+    for mode in modes:
+        for t in threads:
+            sel = [r for r in rows if r["mode"] == mode]
+            print(f"== {mode}" + (f", {t} thread{'s' if t > 1 else ''}" if t else "") + " ==")
+            print(format_tables(sel, t))
+            print()
+        if 1 in threads and 2 in threads:
+            print(f"== {mode}: thread scaling (time at 1 thread / time at 2 threads) ==")
+            print(format_thread_scaling([r for r in rows if r["mode"] == mode], 1, 2))
+            print()
+    print(LEGEND)
+    targets = evaluate_targets(rows, threads)
+    if targets:
+        note = "" if args.dtype == "float32" else f" (targets are defined for float32; this run is {args.dtype})"
+        print(f"\nIssue-3 targets: min and median over the rows each applies to{note}")
+        print(
+            harness.format_table(
+                targets, ["mode", "target", "format", "threads", "rows", "min", "median", "need", "result", "failing"]
+            )
+        )
+    json_path = harness.save_json(
+        args.json,
+        {
+            "suite": "sep_conv",
+            "args": {k: v if isinstance(v, int | float | list | None) else str(v) for k, v in vars(args).items()},
+            "rounds": rounds,
+            "loadavg_before": load,
+            "candidates": CANDIDATES,
+            "rows": [{**r, "derived": {str(t): derived(r, t) for t in threads}} for r in rows],
+            "targets": targets,
+        },
+    )
+    title = f"sep_conv suite ({args.net}), {args.dtype}, {args.device}"
+    plot_path = _plot(args.plot, rows, modes, args.batch, threads, title)
+    print(f"\nwrote {json_path}\nwrote {plot_path}")
+    return 0
