@@ -14,10 +14,22 @@ inf/NaN. We write::
 
 with J = skew(U^T gU), K = skew(V^T gV), and replace each 1/x (also the 1/sigma of the
 projection terms) by the Lorentzian x / (x^2 + eta^2), eta = 100 * eps(dtype) * sigma_max.
-Away from degeneracy (gaps >> eta) this is the exact gradient. At a degeneracy the result is
-finite; for losses that do not depend on the arbitrary basis of a degenerate singular
-subspace (reconstructions, functions of S, projectors), J + K vanishes there, so the
-gradient is still exact -- only the basis-dependent part, which has no derivative, is cut off.
+The first term is the common rotation of u_i, v_j inside a (near-)degenerate pair, the
+second their relative rotation.
+
+* Gaps |s_j - s_i| >> eta and s_i >> eta: the exact gradient (gradcheck passes).
+* Repeated or zero singular values: always finite (torch's gradient is inf/NaN there).
+  The common-rotation term of a degenerate pair is dropped (it is 0 * inf: the numerator
+  J + K vanishes exactly for every loss that is invariant under the arbitrary choice of
+  basis inside the degenerate subspace). The result is exact for losses that depend on a
+  degenerate block only through S or through its whole subspace (projectors, functions of
+  the singular values such as the nuclear norm). It is not the gradient for losses that are
+  smooth at the degeneracy only through a cancellation between the singular-value split
+  and the basis rotation (e.g. the full reconstruction U diag(S) Vh): at an exact
+  degeneracy that gradient is not determined by (U, S, Vh, gU, gS, gVh) at all, so no
+  backward formula of this form can return it; we return the finite part.
+* Truncated (rank=r) results: the backward recomputes the full thin SVD, so the coupling
+  to the discarded triplets is included.
 """
 
 from __future__ import annotations
