@@ -93,7 +93,13 @@ class SVDInputNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, height: int, width: int, rank: int, num_classes: int, channels: int = 16,
+        self,
+        in_channels: int,
+        height: int,
+        width: int,
+        rank: int,
+        num_classes: int,
+        channels: int = 16,
         hidden: int = 64,
     ) -> None:
         super().__init__()

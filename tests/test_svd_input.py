@@ -131,8 +131,10 @@ def test_two_branch_network_learns_digits(one_thread):
     acc_cnn = _train(cnn, lambda xb, idx: cnn(xb), train, test)
     n_svd = sum(p.numel() for p in net.parameters())
     n_cnn = sum(p.numel() for p in cnn.parameters())
-    print(f"\ndigits test accuracy: SVD-input two-branch (rank {rank}, {n_svd} params) {acc_svd:.3f}; "
-          f"plain CNN ({n_cnn} params) {acc_cnn:.3f}")
+    print(
+        f"\ndigits test accuracy: SVD-input two-branch (rank {rank}, {n_svd} params) {acc_svd:.3f}; "
+        f"plain CNN ({n_cnn} params) {acc_cnn:.3f}"
+    )
     assert 0.5 * n_cnn < n_svd < 2 * n_cnn  # "similar size"
     assert acc_svd >= 0.8
     assert acc_cnn >= 0.9

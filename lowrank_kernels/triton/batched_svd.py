@@ -186,4 +186,3 @@ def batched_svd(
         S.reshape(*batch, r).contiguous(),
         Vh.reshape(*batch, r, n).contiguous(),
     )
-
