@@ -59,7 +59,8 @@ SHAPES = [
     (3, 32, 32),
     (2, 64, 64),
     (2, 64, 20),
-    (1, 90, 70),  # beyond the 64 fast path: same kernel, more memory
+    (3, 200, 64),  # largest Jacobi size: min(m, n) = 64, long side unlimited
+    (1, 90, 70),  # min(m, n) > 64: LAPACK fallback with the same contract
 ]
 
 
@@ -80,7 +81,9 @@ def test_empty(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,rank", [((6, 8, 8), 3), ((4, 12, 5), 1), ((4, 5, 12), 5), ((2, 2, 16, 16), 4)])
+@pytest.mark.parametrize(
+    "shape,rank", [((6, 8, 8), 3), ((4, 12, 5), 1), ((4, 5, 12), 5), ((2, 2, 16, 16), 4), ((2, 70, 80), 10)]
+)
 def test_rank(shape, rank, dtype):
     torch.manual_seed(1)
     A = torch.randn(shape, dtype=dtype)
@@ -143,9 +146,10 @@ def test_extreme_scales_float32(magnitude):
     check_svd(A / magnitude, U, S / magnitude, Vh)
 
 
-def test_nan_inf_input():
+@pytest.mark.parametrize("shape", [(5, 6, 4), (5, 66, 70)], ids=["jacobi", "lapack_fallback"])
+def test_nan_inf_input(shape):
     torch.manual_seed(4)
-    A = torch.randn(5, 6, 4)
+    A = torch.randn(shape)
     A[1, 2, 3] = float("nan")
     A[3, 0, 0] = float("inf")
     U, S, Vh = lk.batched_svd(A)  # documented: no error, no hang
