@@ -2,7 +2,10 @@
 
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
-from . import _C  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
+# _C loads the C++ ops into torch.ops.lowrank; _cuda_registration adds the Triton CUDA kernels.
+from . import _C, _cuda_registration, triton  # noqa: F401
 from .batched_svd import batched_svd
 from .sep_conv import sep_conv
 from .svd_input import SVDInput

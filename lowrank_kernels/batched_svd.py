@@ -169,10 +169,10 @@ torch.library.register_autograd("lowrank::batched_svd", _backward, setup_context
 
 
 def _batched_svd_cuda(A, rank=None, max_sweeps=_DEFAULT_MAX_SWEEPS):
-    # Imported on first CUDA call only: `import lowrank_kernels` must work without triton.
-    from .triton import batched_svd as triton_batched_svd
+    # The Triton module is imported on the first CUDA call: `import lowrank_kernels` needs no triton.
+    from .triton import _kernels
 
-    return triton_batched_svd(A, rank, max_sweeps=max_sweeps)
+    return _kernels("batched_svd").batched_svd(A, rank, max_sweeps=max_sweeps)
 
 
 torch.library.register_kernel("lowrank::batched_svd", "cuda", _batched_svd_cuda)

@@ -1,8 +1,9 @@
+"""Shared test set-up. Without CUDA, Triton kernels run in the interpreter on CPU tensors; that
+switch is read when triton is first imported, so it is set here before any test module imports it."""
+
 import os
 
 import torch
 
-# Triton kernels run through the interpreter on machines without a GPU; must be set before
-# triton is imported anywhere.
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"

@@ -16,6 +16,8 @@ Matrices with min(m, n) > 64 or max(m, n) > 256 go to ``torch.linalg.svd`` (docu
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -145,6 +147,11 @@ def batched_svd(
     from ..batched_svd import _check_args
 
     r = _check_args(A, rank, max_sweeps)
+    if not A.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton.batched_svd: CPU tensors need TRITON_INTERPRET=1 set before triton is imported "
+            "(or use lowrank_kernels.batched_svd, the C++ kernel)"
+        )
     *batch, m, n = A.shape
     k, l = min(m, n), max(m, n)
     if A.numel() == 0:
