@@ -6,10 +6,12 @@ import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 # _C loads the C++ ops into torch.ops.lowrank; _cuda_registration adds the Triton CUDA kernels.
 from . import _C, _cuda_registration, triton  # noqa: F401
+from .batched_svd import batched_svd
 from .compress import compress
 from .export import to_onnx
 from .layers import LowRankLinear, SepConv2d
 from .sep_conv import sep_conv
+from .svd_input import SVDInput
 
-__all__ = ["sep_conv", "SepConv2d", "LowRankLinear", "compress", "to_onnx"]
+__all__ = ["sep_conv", "batched_svd", "SepConv2d", "LowRankLinear", "compress", "to_onnx", "SVDInput"]
 __version__ = "0.1.0"

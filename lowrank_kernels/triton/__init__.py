@@ -14,7 +14,7 @@ import torch
 
 from .._conv_args import IntOrPair, _pair
 
-__all__ = ["sep_conv"]
+__all__ = ["sep_conv", "batched_svd"]
 
 
 def _kernels(name: str) -> ModuleType:
@@ -62,4 +62,15 @@ def sep_conv(
     )
 
 
-_ENTRY_POINTS = {"sep_conv": sep_conv}
+def batched_svd(
+    A: torch.Tensor, rank: int | None = None, *, max_sweeps: int = 40
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lowrank_kernels.batched_svd computed by the Triton Jacobi kernel (not differentiable by itself).
+
+    Same arguments and result as `lowrank_kernels.batched_svd`. CUDA tensors (or CPU tensors with
+    TRITON_INTERPRET=1 set before triton is imported); ImportError if triton is not installed. For
+    autograd on CUDA use `lowrank_kernels.batched_svd`, which dispatches here."""
+    return _kernels("batched_svd").batched_svd(A, rank, max_sweeps=max_sweeps)
+
+
+_ENTRY_POINTS = {"sep_conv": sep_conv, "batched_svd": batched_svd}
