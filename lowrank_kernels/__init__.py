@@ -2,8 +2,10 @@
 
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
-from . import _C  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
-from . import triton  # noqa: F401  (lazy: imports the triton package only on first use)
+from . import (
+    _C,  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
+    triton,  # noqa: F401  (lazy: imports the triton package only on first use)
+)
 from .householder_product import householder_product
 from .orthogonal import OrthogonalConv2d, orthogonality_loss, orthonormality_loss
 from .sep_conv import sep_conv

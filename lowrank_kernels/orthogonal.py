@@ -155,7 +155,9 @@ class OrthogonalConv2d(nn.Module):
             raise ValueError(f"OrthogonalConv2d: stride must be positive, got {stride!r}")
         if isinstance(self.padding, str):
             if self.padding not in ("valid", "same"):
-                raise ValueError(f"OrthogonalConv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+                raise ValueError(
+                    f"OrthogonalConv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
+                )
             if self.padding == "same" and self.stride != (1, 1):
                 raise ValueError("OrthogonalConv2d: padding='same' needs stride 1")
         elif any(p < 0 for p in self.padding):
@@ -223,4 +225,3 @@ class OrthogonalConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, bias={self.has_bias}"
         )
-
