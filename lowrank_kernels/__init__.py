@@ -2,6 +2,8 @@
 
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
+import torch  # noqa: F401  (loads libc10/libtorch before the extension needs them)
+
 from . import (
     _C,  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
     triton,  # noqa: F401  (lazy: imports the triton package only on first use)

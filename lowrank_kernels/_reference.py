@@ -53,3 +53,15 @@ def orthonormality_loss_reference(matrix: torch.Tensor) -> torch.Tensor:
     """Seed 004 experiment 3 as written: sum_square(I - M^T M)."""
     eye = torch.eye(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
     return (eye - matrix.T @ matrix).pow(2).sum()
+
+
+def dense_reflector_product_reference(vectors: torch.Tensor) -> torch.Tensor:
+    """First n columns of H(u_1) H(u_2) ... H(u_n), u_j = column j of `vectors` normalized, built
+    the way seed 004's code did: n dense m x m reflectors I - 2 u u^T multiplied one by one."""
+    m, n = vectors.shape
+    unit = vectors / vectors.norm(dim=0)
+    eye = torch.eye(m, dtype=vectors.dtype, device=vectors.device)
+    q = eye
+    for j in range(n):
+        q = q @ (eye - 2 * torch.outer(unit[:, j], unit[:, j]))
+    return q[:, :n]
