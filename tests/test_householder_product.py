@@ -6,6 +6,8 @@ import importlib.util
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowrank_kernels as lk
 from lowrank_kernels._reference import householder_product_reference
@@ -251,3 +253,30 @@ def test_cuda_matches_cpu(dtype):
     expected = torch.ops.lowrank.householder_product_backward(grad.cpu(), A, tau)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.cpu(), e, atol=1e-3, rtol=1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    extra_m=st.integers(0, 30),
+    k_frac=st.floats(0, 1),
+    batch=st.lists(st.integers(0, 3), max_size=2),
+    double=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_matches_torch(n, extra_m, k_frac, batch, double, seed):
+    m, k = n + extra_m, int(round(k_frac * n))
+    dtype = torch.float64 if double else torch.float32
+    A, tau = _inputs(m, n, k, tuple(batch), dtype, seed)
+    torch.testing.assert_close(lk.householder_product(A, tau), torch.linalg.householder_product(A, tau), **_tol(dtype))
+    grad = torch.randn(A.shape, dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
+    got = torch.ops.lowrank.householder_product_backward(grad, A, tau)
+    a, t = A.double().requires_grad_(), tau.double().requires_grad_()
+    expected = torch.autograd.grad(
+        torch.linalg.householder_product(a, t), (a, t), grad.double(), allow_unused=True, materialize_grads=True
+    )
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        if e.numel() == 0:
+            continue
+        assert (g.double() - e).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-10) * (e.abs().max() + 1)
