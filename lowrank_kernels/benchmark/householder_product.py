@@ -244,3 +244,17 @@ def run(args: argparse.Namespace) -> int:
         path = harness.save_json(json_path, {"suite": "householder", "products": product_rows, "network": network_rows})
         print(f"\nJSON: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m lowrank_kernels.benchmark.householder_product`): the
+    suite's options plus --threads and --json, as `lowrank bench householder` provides them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[2])
+    parser.add_argument("--json", default=None, help="JSON results path")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
