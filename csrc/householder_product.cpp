@@ -35,8 +35,8 @@ namespace {
 
 using at::Tensor;
 
-// Reflectors per compact-WY panel: 32 measured faster than 16 and 64 for 576x128 and
-// 1152x256 with 2 threads (the T algebra is O(kPanel^2) per row, the GEMMs want width).
+// Reflectors per compact-WY panel (the GEMMs' inner dimension): wider panels mean fewer
+// passes over Q but more O(kPanel^2)-per-row T algebra and wasted work on the triangle.
 constexpr int64_t kPanel = 32;
 
 inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
