@@ -9,9 +9,23 @@ from . import _C, _cuda_registration, triton  # noqa: F401
 from .batched_svd import batched_svd
 from .compress import compress
 from .export import to_onnx
+from .householder_product import householder_product
 from .layers import LowRankLinear, SepConv2d
+from .orthogonal import OrthogonalConv2d, orthogonality_loss, orthonormality_loss
 from .sep_conv import sep_conv
 from .svd_input import SVDInput
 
-__all__ = ["sep_conv", "batched_svd", "SepConv2d", "LowRankLinear", "compress", "to_onnx", "SVDInput"]
+__all__ = [
+    "sep_conv",
+    "batched_svd",
+    "householder_product",
+    "SepConv2d",
+    "LowRankLinear",
+    "compress",
+    "to_onnx",
+    "OrthogonalConv2d",
+    "orthogonality_loss",
+    "orthonormality_loss",
+    "SVDInput",
+]
 __version__ = "0.1.0"

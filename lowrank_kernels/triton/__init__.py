@@ -14,7 +14,7 @@ import torch
 
 from .._conv_args import IntOrPair, _pair
 
-__all__ = ["sep_conv", "batched_svd"]
+__all__ = ["sep_conv", "batched_svd", "householder_product", "householder_product_backward"]
 
 
 def _kernels(name: str) -> ModuleType:
@@ -73,4 +73,25 @@ def batched_svd(
     return _kernels("batched_svd").batched_svd(A, rank, max_sweeps=max_sweeps)
 
 
-_ENTRY_POINTS = {"sep_conv": sep_conv, "batched_svd": batched_svd}
+def householder_product(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """lowrank_kernels.householder_product computed by the blocked compact-WY Triton kernels.
+
+    Same contract as torch.linalg.householder_product. CUDA tensors (or CPU tensors with
+    TRITON_INTERPRET=1 set before triton is imported); ImportError if triton is not installed. For
+    autograd on CUDA use `lowrank_kernels.householder_product`, which dispatches here."""
+    return _kernels("householder_product").householder_product(A, tau)
+
+
+def householder_product_backward(
+    grad: torch.Tensor, A: torch.Tensor, tau: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dA, dtau) of householder_product for the output gradient `grad`, in Triton."""
+    return _kernels("householder_product").householder_product_backward(grad, A, tau)
+
+
+_ENTRY_POINTS = {
+    "sep_conv": sep_conv,
+    "batched_svd": batched_svd,
+    "householder_product": householder_product,
+    "householder_product_backward": householder_product_backward,
+}
