@@ -25,6 +25,7 @@ import argparse
 import os
 import re
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -267,9 +268,13 @@ def measure_row(
     }
     del outputs
     timed = {_key(name, t): _with_threads(fn, t) for t in threads for name, fn in fns.items()}
+    wall, cpu = time.perf_counter(), time.process_time()
     timings = harness.time_interleaved(
         timed, rounds=rounds, warmup=warmup, min_round_s=MIN_ROUND_S, device=device, seed=seed
     )
+    # Cores this process actually got while timing: far below the thread counts asked for
+    # means other processes took the CPU and the row is noisy.
+    cores_used = (time.process_time() - cpu) / (time.perf_counter() - wall)
     if top is not None:
         torch.set_num_threads(top)
     mem = {name: harness.peak_memory_mib(fn, device=device) for name, fn in fns.items()} if memory else {}
@@ -285,6 +290,7 @@ def measure_row(
         "lowrank_flops": lowrank_flops,
         "flop_ratio": dense_flops / lowrank_flops,
         "timings": timings,
+        "cores_used": cores_used,
         "max_rel_error": errors,
         "check_tolerance": _CHECK_TOL[dtype],
         "peak_memory_mib": mem,
@@ -425,6 +431,7 @@ def format_tables(rows: Sequence[dict[str, Any]], threads: int | None) -> str:
                 "eff_cl": _fmt(d["sep_cl_efficiency"]),
                 **{f"MiB {n}": _fmt(mem.get(n), ".1f") for n in ("unfused", "unfused_cl", "sep", "sep_cl")},
                 "MiB out": _fmt(r["output_mib"], ".1f"),
+                "cores": _fmt(r.get("cores_used")),
                 "check": "ok" if not bad else "WRONG " + ",".join(bad),
             }
         )
@@ -440,6 +447,8 @@ ms: median per call; * = the faster of NCHW and channels_last. GF/s: dense FLOPs
 x: speedup over dense* (ideal = FLOP ratio); sep/unf*: sep_conv speedup over the best unfused pair;
 eff: sep_conv GFLOP/s / dense* GFLOP/s (= x / FLOP ratio). MiB: peak extra memory of one call
 (process peak RSS during the call minus before it, output included; MiB out = the output's size).
+cores: CPU cores the process got while timing the row (CPU time / wall time, all thread counts of
+the row together); far below the thread count means other processes competed and the row is noisy.
 check: sep_conv's result against the unfused pair (max rel. error <= tolerance)."""
 
 
@@ -577,7 +586,8 @@ def run(args: argparse.Namespace) -> int:
         bar.write(
             f"{mode:7s} {layer.name:>8s} b{batch}: dense* {d['best_dense_ms']:.2f} ms, unfused* "
             f"{d['best_unfused_ms']:.2f} ms, sep {d['ms']['sep']:.2f} / sep_cl {d['ms']['sep_cl']:.2f} ms "
-            f"(FLOP ratio {row['flop_ratio']:.2f}, sep x {d['sep_speedup']:.2f}, sep/unf* {d['sep_vs_unfused']:.2f})"
+            f"(FLOP ratio {row['flop_ratio']:.2f}, sep x {d['sep_speedup']:.2f}, sep/unf* {d['sep_vs_unfused']:.2f}; "
+            f"process got {row['cores_used']:.2f} cores)"
         )
     bar.close()
 
