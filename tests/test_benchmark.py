@@ -261,6 +261,11 @@ def test_bench_cli_writes_table_json_and_png(tmp_path, capsys):
     pngs = list((tmp_path / "o").glob("sep_conv-*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == PNG_MAGIC
     assert f"wrote {json_path}" in out
+    # --report re-prints the same tables from the JSON, without timing
+    assert main(["bench", "--report", str(json_path), "--plot", str(tmp_path / "again.png")]) == 0
+    again = capsys.readouterr().out
+    assert out.split("== forward, 1 thread ==")[1].split("Issue-3")[0] in again
+    assert (tmp_path / "again.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_bench_cli_default_paths_and_forward_only(tmp_path, capsys, monkeypatch):
@@ -293,6 +298,7 @@ def test_bench_cli_registered_suite_without_module(monkeypatch):
     [
         (["--layers", "conv9_9"], "--layers"),
         (["--rounds", "0"], "--rounds"),
+        (["--report", "/nonexistent/r.json"], "--report"),
     ],
 )
 def test_bench_cli_bad_suite_options(argv, message, tmp_path):
