@@ -326,3 +326,12 @@ def test_bench_cli_cuda(tmp_path, capsys):
     argv = ["bench", "--device", "cuda", "--layers", TINY, "--batch", "1", "--rounds", "2", "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     assert "WRONG" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_bench_cli_other_dtypes(dtype, tmp_path, capsys):
+    argv = ["bench", "--layers", TINY, "--batch", "2", "--rounds", "1", "--dtype", dtype, "--no-memory"]
+    assert main([*argv, "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"targets are defined for float32; this run is {dtype}" in out
+    assert "WRONG" not in out
