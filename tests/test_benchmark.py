@@ -120,11 +120,14 @@ def _conv_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer.name)
-@pytest.mark.parametrize("mode", suite.MODES)
+# torch's FlopCounterMode over-counts a grouped conv's weight gradient by `groups`, so grouped
+# training steps are checked per group instead (next test).
+@pytest.mark.parametrize(
+    ("layer", "mode"),
+    [(layer, mode) for layer in LAYERS for mode in suite.MODES if mode == "forward" or layer.groups == 1],
+    ids=lambda v: getattr(v, "name", v),
+)
 def test_flop_counts_match_torch_flop_counter(layer, mode):
-    if mode == "train" and layer.groups > 1:
-        pytest.skip("torch's FlopCounterMode ignores groups in the weight gradient; see the per-group test")
     batch = 2
     fns = suite.make_candidates(layer, batch, mode=mode)
     dense, lowrank = suite.mode_flops(layer, batch, mode)
