@@ -278,7 +278,8 @@ def measure_row(
     cores_used = (time.process_time() - cpu) / (time.perf_counter() - wall)
     if top is not None:
         torch.set_num_threads(top)
-    mem = {name: harness.peak_memory_mib(fn, device=device) for name, fn in fns.items()} if memory else {}
+    # Every candidate is warm after the rounds: one call shows its steady-state peak.
+    mem = {name: harness.peak_memory_mib(fn, device=device, repeats=1) for name, fn in fns.items()} if memory else {}
     dense_flops, lowrank_flops = mode_flops(layer, batch, mode)
     intermediate = batch * layer.rank * layer.out_hw[0] * layer.width * torch.finfo(dtype).bits // 8
     output = batch * layer.out_channels * layer.out_hw[0] * layer.out_hw[1] * torch.finfo(dtype).bits // 8
