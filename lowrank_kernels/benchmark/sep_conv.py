@@ -453,8 +453,9 @@ ms: median per call; * = the faster of NCHW and channels_last. GF/s: dense FLOPs
 x: speedup over dense* (ideal = FLOP ratio); sep/unf*: sep_conv speedup over the best unfused pair;
 eff: sep_conv GFLOP/s / dense* GFLOP/s (= x / FLOP ratio). MiB: peak extra memory of one call
 (process peak RSS during the call minus before it, output included; MiB out = the output's size).
-cores: CPU cores the process got while timing the row (CPU time / wall time, all thread counts of
-the row together); far below the thread count means other processes competed and the row is noisy.
+cores: CPU cores the process got while timing the row (CPU time / wall time). Undisturbed: about
+the thread count (about 1.3-1.5 with --threads 1,2 interleaved); far below it = other processes
+took the CPU and the row is noisy.
 check: sep_conv's result against the unfused pair (max rel. error <= tolerance)."""
 
 
