@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 namespace lowrank {
@@ -144,248 +145,312 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
   blas_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &mi, &ni, &ki, &one, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
 }
 
-// Output rows per tile: enough to keep the per-thread buffers near `budget` bytes, and in
-// the backward at least enough that tiles two apart never touch the same input rows.
-int64_t rows_per_tile(const SepConvShape& s, int64_t bytes_per_row, int64_t elem_size) {
-  const int64_t budget = 384 * 1024;
-  int64_t rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_row * elem_size));
-  const int64_t halo_rows = (s.dil_v * (s.dv - 1)) / s.stride_v;
-  rows = std::max(rows, std::max<int64_t>(1, halo_rows));
-  // Keep several tiles per image so both cores have work at batch 1.
-  const int64_t want_tiles = 4 * at::get_num_threads();
-  if (s.batch * s.groups < want_tiles) {
-    const int64_t per_image = (want_tiles + s.batch * s.groups - 1) / (s.batch * s.groups);
-    rows = std::min(rows, std::max<int64_t>(std::max<int64_t>(1, halo_rows),
-                                            (s.out_height + per_image - 1) / per_image));
-  }
-  return std::min(rows, s.out_height);
-}
-
-// Strided 4-D view of an NCHW-indexed tensor, whatever its memory layout.
-template <typename T>
-struct View4 {
-  T* data = nullptr;
-  int64_t sb = 0, sc = 0, sh = 0, sw = 0;
-  View4() = default;
-  explicit View4(const Tensor& t)
-      : data(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sc(t.stride(1)), sh(t.stride(2)), sw(t.stride(3)) {}
-  T* at(int64_t b, int64_t c, int64_t h, int64_t w) const { return data + b * sb + c * sc + h * sh + w * sw; }
+// How the output rows of one (batch, group) image are cut into tiles. Tile t covers rows
+// [t*H'/n, (t+1)*H'/n), so tile heights differ by at most one row.
+struct Tiling {
+  int64_t per_image = 1;  // tiles per (batch, group) image
+  int64_t max_rows = 1;
+  int64_t begin(int64_t t, int64_t out_height) const { return t * out_height / per_image; }
 };
 
-// cols[(c*dv + i), rr*W + w] = x[b, c0 + c, (r0 + rr)*sv - pv + i*lv, w], zero outside the input.
-template <typename T>
-void gather_input_cols(const SepConvShape& s, const View4<const T>& x, int64_t b, int64_t c0, int64_t r0,
-                       int64_t rows, T* cols) {
-  const int64_t P = rows * s.width;
-  for (int64_t c = 0; c < s.cg; ++c) {
-    for (int64_t i = 0; i < s.dv; ++i) {
-      T* dst = cols + (c * s.dv + i) * P;
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        const int64_t h = (r0 + rr) * s.stride_v - s.pad_v + i * s.dil_v;
-        T* d = dst + rr * s.width;
-        if (h < 0 || h >= s.height) {
-          std::fill(d, d + s.width, T(0));
-        } else if (x.sw == 1) {
-          std::copy_n(x.at(b, c0 + c, h, 0), s.width, d);
-        } else {
-          const T* src = x.at(b, c0 + c, h, 0);
-          for (int64_t w = 0; w < s.width; ++w) d[w] = src[w * x.sw];
-        }
+// Per-thread buffers of about `budget` bytes. 512 KiB (this machine's L2) measured best on
+// VGG-16: 256 KiB gives tiles of 2-3 rows on 14x14/28x28 layers, and GEMMs that narrow lose
+// 10-30%; the buffers are streamed once per stage, so spilling part of them to L3 costs less.
+// `passes` = 2 in the backward, whose grad_input scatter runs
+// even and odd tiles in separate passes: there a tile must be at least as tall as the
+// vertical halo so that tiles two apart never touch the same input rows.
+Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes) {
+  // LOWRANK_TILE_KB overrides the budget (for tuning on other CPUs; see README).
+  const char* env = std::getenv("LOWRANK_TILE_KB");
+  const int64_t budget = (env ? std::atoll(env) : 512) * 1024;
+  const int64_t H = s.out_height;
+  const int64_t min_rows = passes == 1 ? 1 : std::max<int64_t>(1, (s.dil_v * (s.dv - 1)) / s.stride_v);
+  const int64_t max_per_image = std::max<int64_t>(1, H / min_rows);
+  const int64_t fit_rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_row));
+  int64_t n = std::min(max_per_image, (H + fit_rows - 1) / fit_rows);
+  // With few tiles, parallel_for's contiguous chunks only balance if every pass has a
+  // multiple of the thread count (this is what keeps both cores busy at batch 1).
+  const int64_t threads = at::get_num_threads(), images = s.batch * s.groups;
+  if (threads > 1 && images * n < 16 * threads * passes) {
+    for (int64_t cand = n; cand <= std::min(max_per_image, n + 2 * threads * passes); ++cand) {
+      if (cand % passes == 0 && (images * cand / passes) % threads == 0) {
+        n = cand;
+        break;
       }
+    }
+  }
+  Tiling tiling;
+  tiling.per_image = n;
+  tiling.max_rows = (H + n - 1) / n;
+  return tiling;
+}
+
+// Output rows r in [r0, r1) whose vertical tap i reads an input row inside [0, H).
+struct RowRange {
+  int64_t begin, end;
+};
+RowRange valid_rows(const SepConvShape& s, int64_t i, int64_t r0, int64_t r1) {
+  const int64_t lo_num = s.pad_v - i * s.dil_v;  // r*sv >= lo_num
+  const int64_t hi_num = s.height - 1 + s.pad_v - i * s.dil_v;  // r*sv <= hi_num
+  const int64_t lo = lo_num <= 0 ? 0 : (lo_num + s.stride_v - 1) / s.stride_v;
+  const int64_t hi = hi_num < 0 ? 0 : hi_num / s.stride_v + 1;
+  const int64_t b = std::max(r0, lo), e = std::min(r1, hi);
+  return {b, std::max(b, e)};
+}
+
+// The input is contiguous in its memory format (NCHW, or NHWC for channels_last), so the
+// rows a vertical tap reads form a plain matrix that the GEMMs use in place: (C x pixels)
+// with ld = H*W in NCHW, (pixels x C) with ld = C in NHWC. With vertical stride 1 one GEMM
+// covers all rows of a tile; otherwise one GEMM per row.
+template <bool CL>
+struct Layout {
+  const SepConvShape& s;
+  // Offset of pixel (h, w), channel c inside one image.
+  int64_t in(int64_t c, int64_t h, int64_t w) const {
+    return CL ? (h * s.width + w) * s.in_channels + c : (c * s.height + h) * s.width + w;
+  }
+  int64_t out(int64_t n, int64_t h, int64_t w) const {
+    return CL ? (h * s.out_width + w) * s.out_channels + n : (n * s.out_height + h) * s.out_width + w;
+  }
+  int64_t in_ld() const { return CL ? s.in_channels : s.height * s.width; }
+  int64_t out_ld() const { return CL ? s.out_channels : s.out_height * s.out_width; }
+};
+
+// True if some vertical tap of output rows [r0, r1) falls into the zero padding.
+bool tile_clipped(const SepConvShape& s, int64_t r0, int64_t r1) {
+  for (int64_t i = 0; i < s.dv; ++i) {
+    const RowRange rr = valid_rows(s, i, r0, r1);
+    if (rr.begin != r0 || rr.end != r1) return true;
+  }
+  return false;
+}
+
+// Calls fn(i, rr, h, npix) for every run of valid rows of tap i: tile row rr (relative to
+// r0), input row h, and npix = pixels in the run (contiguous in the input and in the tile).
+template <typename Fn>
+void for_each_tap_run(const SepConvShape& s, int64_t r0, int64_t r1, Fn&& fn) {
+  for (int64_t i = 0; i < s.dv; ++i) {
+    const RowRange rr = valid_rows(s, i, r0, r1);
+    if (rr.end <= rr.begin) continue;
+    if (s.stride_v == 1) {
+      fn(i, rr.begin - r0, rr.begin - s.pad_v + i * s.dil_v, (rr.end - rr.begin) * s.width);
+    } else {
+      for (int64_t r = rr.begin; r < rr.end; ++r) fn(i, r - r0, r * s.stride_v - s.pad_v + i * s.dil_v, s.width);
     }
   }
 }
 
-// The adjoint of gather_input_cols: grad_x[...] += cols[...].
-template <typename T>
-void scatter_add_input_cols(const SepConvShape& s, const View4<T>& gx, int64_t b, int64_t c0, int64_t r0,
-                            int64_t rows, const T* cols) {
-  const int64_t P = rows * s.width;
-  for (int64_t c = 0; c < s.cg; ++c) {
-    for (int64_t i = 0; i < s.dv; ++i) {
-      const T* src = cols + (c * s.dv + i) * P;
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        const int64_t h = (r0 + rr) * s.stride_v - s.pad_v + i * s.dil_v;
-        if (h < 0 || h >= s.height) continue;
-        T* d = gx.at(b, c0 + c, h, 0);
-        const T* sr = src + rr * s.width;
-        for (int64_t w = 0; w < s.width; ++w) d[w * gx.sw] += sr[w];
-      }
+// Stage 1 for output rows [r0, r1) of group g: t = sum_i wv_i * x(rows of tap i).
+// t is (Kg x P) in NCHW, (P x Kg) in NHWC, P = rows*W. wvp is (dv, K, Cg).
+template <typename T, bool CL>
+void vertical_stage(const SepConvShape& s, const T* xb, const T* wvp, int64_t g, int64_t r0, int64_t r1, T* t) {
+  const Layout<CL> L{s};
+  const int64_t P = (r1 - r0) * s.width;
+  const bool clipped = tile_clipped(s, r0, r1);
+  if (clipped) std::fill(t, t + P * s.kg, T(0));
+  for_each_tap_run(s, r0, r1, [&](int64_t i, int64_t rr, int64_t h, int64_t npix) {
+    const T* w = wvp + (i * s.rank + g * s.kg) * s.cg;
+    const T* xs = xb + L.in(g * s.cg, h, 0);
+    // Unclipped tiles: every tap covers every row, so tap 0 initializes t.
+    const T beta = (!clipped && i == 0) ? T(0) : T(1);
+    if (CL) {
+      gemm<T>(false, true, npix, s.kg, s.cg, xs, L.in_ld(), w, s.cg, beta, t + rr * s.width * s.kg, s.kg);
+    } else {
+      gemm<T>(false, false, s.kg, npix, s.cg, w, s.cg, xs, L.in_ld(), beta, t + rr * s.width, P);
     }
-  }
+  });
 }
 
-// tcols[(k*dh + j), rr*W' + w'] = t[k, rr*W + w'*sh - ph + j*lh], zero outside [0, W).
-template <typename T>
+// Horizontal im2col of the intermediate tile. NCHW: tcols[(k*dh + j), q] (Kg*dh x Q);
+// NHWC: tcols[q, (j*Kg + k)] (Q x dh*Kg), q = rr*W' + w'; source column w'*sh - ph + j*lh,
+// zero outside [0, W).
+template <typename T, bool CL>
 void gather_mid_cols(const SepConvShape& s, const T* t, int64_t rows, T* tcols) {
-  const int64_t P = rows * s.width, Q = rows * s.out_width;
-  for (int64_t k = 0; k < s.kg; ++k) {
-    for (int64_t j = 0; j < s.dh; ++j) {
-      T* dst = tcols + (k * s.dh + j) * Q;
-      const int64_t off = j * s.dil_h - s.pad_h;
-      // Output columns whose source column off + w'*sh lies in [0, W).
-      const int64_t w_lo = off >= 0 ? 0 : (-off + s.stride_h - 1) / s.stride_h;
-      const int64_t w_hi =
-          s.width - off <= 0 ? 0 : std::min(s.out_width, (s.width - 1 - off) / s.stride_h + 1);
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        const T* src = t + k * P + rr * s.width + off;
-        T* d = dst + rr * s.out_width;
-        if (w_hi <= w_lo) {
-          std::fill(d, d + s.out_width, T(0));
-          continue;
+  const int64_t P = rows * s.width, Q = rows * s.out_width, kg = s.kg;
+  for (int64_t j = 0; j < s.dh; ++j) {
+    const int64_t off = j * s.dil_h - s.pad_h;
+    // Output columns whose source column off + w'*sh lies in [0, W).
+    const int64_t w_lo = std::min(s.out_width, off >= 0 ? 0 : (-off + s.stride_h - 1) / s.stride_h);
+    const int64_t w_hi = std::max(w_lo, s.width - off <= 0 ? 0 : std::min(s.out_width, (s.width - 1 - off) / s.stride_h + 1));
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      if (CL) {
+        T* d = tcols + rr * s.out_width * s.dh * kg + j * kg;
+        const int64_t ld = s.dh * kg;
+        for (int64_t w = 0; w < w_lo; ++w) std::fill_n(d + w * ld, kg, T(0));
+        for (int64_t w = w_lo; w < w_hi; ++w)
+          std::copy_n(t + (rr * s.width + off + w * s.stride_h) * kg, kg, d + w * ld);
+        for (int64_t w = w_hi; w < s.out_width; ++w) std::fill_n(d + w * ld, kg, T(0));
+      } else {
+        for (int64_t k = 0; k < kg; ++k) {
+          const T* src = t + k * P + rr * s.width + off;
+          T* d = tcols + (k * s.dh + j) * Q + rr * s.out_width;
+          std::fill(d, d + w_lo, T(0));
+          if (s.stride_h == 1) {
+            std::copy(src + w_lo, src + w_hi, d + w_lo);
+          } else {
+            for (int64_t w = w_lo; w < w_hi; ++w) d[w] = src[w * s.stride_h];
+          }
+          std::fill(d + w_hi, d + s.out_width, T(0));
         }
-        std::fill(d, d + w_lo, T(0));
-        if (s.stride_h == 1) {
-          std::copy(src + w_lo, src + w_hi, d + w_lo);
-        } else {
-          for (int64_t w = w_lo; w < w_hi; ++w) d[w] = src[w * s.stride_h];
-        }
-        std::fill(d + w_hi, d + s.out_width, T(0));
       }
     }
   }
 }
 
 // The adjoint of gather_mid_cols: dt = 0; dt[...] += dtcols[...].
-template <typename T>
+template <typename T, bool CL>
 void scatter_mid_cols(const SepConvShape& s, const T* dtcols, int64_t rows, T* dt) {
-  const int64_t P = rows * s.width, Q = rows * s.out_width;
-  std::fill(dt, dt + s.kg * P, T(0));
-  for (int64_t k = 0; k < s.kg; ++k) {
-    for (int64_t j = 0; j < s.dh; ++j) {
-      const T* src = dtcols + (k * s.dh + j) * Q;
-      const int64_t off = j * s.dil_h - s.pad_h;
-      const int64_t w_lo = off >= 0 ? 0 : (-off + s.stride_h - 1) / s.stride_h;
-      const int64_t w_hi =
-          s.width - off <= 0 ? 0 : std::min(s.out_width, (s.width - 1 - off) / s.stride_h + 1);
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        T* d = dt + k * P + rr * s.width + off;
-        const T* sr = src + rr * s.out_width;
-        for (int64_t w = w_lo; w < w_hi; ++w) d[w * s.stride_h] += sr[w];
+  const int64_t P = rows * s.width, Q = rows * s.out_width, kg = s.kg;
+  std::fill(dt, dt + kg * P, T(0));
+  for (int64_t j = 0; j < s.dh; ++j) {
+    const int64_t off = j * s.dil_h - s.pad_h;
+    const int64_t w_lo = std::min(s.out_width, off >= 0 ? 0 : (-off + s.stride_h - 1) / s.stride_h);
+    const int64_t w_hi = std::max(w_lo, s.width - off <= 0 ? 0 : std::min(s.out_width, (s.width - 1 - off) / s.stride_h + 1));
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      if (CL) {
+        const int64_t ld = s.dh * kg;
+        const T* src = dtcols + rr * s.out_width * ld + j * kg;
+        for (int64_t w = w_lo; w < w_hi; ++w) {
+          T* d = dt + (rr * s.width + off + w * s.stride_h) * kg;
+          const T* sr = src + w * ld;
+          for (int64_t k = 0; k < kg; ++k) d[k] += sr[k];
+        }
+      } else {
+        for (int64_t k = 0; k < kg; ++k) {
+          T* d = dt + k * P + rr * s.width + off;
+          const T* sr = dtcols + (k * s.dh + j) * Q + rr * s.out_width;
+          for (int64_t w = w_lo; w < w_hi; ++w) d[w * s.stride_h] += sr[w];
+        }
       }
     }
   }
 }
 
-template <typename T>
-void sep_conv_forward_kernel(const SepConvShape& s, const Tensor& input, const Tensor& weight_v,
-                             const Tensor& weight_h, const T* bias, Tensor& out) {
-  const View4<const T> x(input);
-  const View4<T> y(out);
-  const T* wv = weight_v.data_ptr<T>();
-  const T* wh = weight_h.data_ptr<T>();
-  const int64_t row_elems = s.cg * s.dv * s.width + s.kg * s.width + s.kg * s.dh * s.out_width +
-                            s.ng * s.out_width;
-  const int64_t R = rows_per_tile(s, row_elems, sizeof(T));
-  const int64_t tiles_per_image = (s.out_height + R - 1) / R;
-  const int64_t n_tiles = s.batch * s.groups * tiles_per_image;
-  const int64_t ldwv = s.cg * s.dv, ldwh = s.kg * s.dh;
+// x and out are contiguous in the layout CL selects; wvp is (dv, K, Cg); whp is (N, Kg*dh)
+// ordered (k, j) for NCHW and (j, k) for NHWC, matching gather_mid_cols.
+template <typename T, bool CL>
+void sep_conv_forward_kernel(const SepConvShape& s, const T* x, const T* wvp, const T* whp, const T* bias, T* y) {
+  const Layout<CL> L{s};
+  const int64_t kdh = s.kg * s.dh;
+  const int64_t row_elems = s.kg * s.width + kdh * s.out_width;
+  const Tiling tiling = choose_tiling(s, row_elems * sizeof(T), 1);
+  const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
+  const int64_t in_image = s.in_channels * s.height * s.width;
+  const int64_t out_image = s.out_channels * s.out_height * s.out_width;
 
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(R * row_elems);
-    T* xcols = buf.data();
-    T* t = xcols + R * s.cg * s.dv * s.width;
-    T* tcols = t + R * s.kg * s.width;
-    T* o = tcols + R * s.kg * s.dh * s.out_width;
+    std::vector<T> buf(tiling.max_rows * row_elems);
+    T* t = buf.data();
+    T* tcols = t + tiling.max_rows * s.kg * s.width;
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b = tile / (s.groups * tiles_per_image);
-      const int64_t g = (tile / tiles_per_image) % s.groups;
-      const int64_t r0 = (tile % tiles_per_image) * R;
-      const int64_t rows = std::min(R, s.out_height - r0);
-      const int64_t P = rows * s.width, Q = rows * s.out_width;
-      gather_input_cols(s, x, b, g * s.cg, r0, rows, xcols);
-      gemm<T>(false, false, s.kg, P, ldwv, wv + g * s.kg * ldwv, ldwv, xcols, P, T(0), t, P);
-      gather_mid_cols(s, t, rows, tcols);
-      gemm<T>(false, false, s.ng, Q, ldwh, wh + g * s.ng * ldwh, ldwh, tcols, Q, T(0), o, Q);
-      for (int64_t n = 0; n < s.ng; ++n) {
-        const T bn = bias ? bias[g * s.ng + n] : T(0);
-        for (int64_t rr = 0; rr < rows; ++rr) {
-          T* dst = y.at(b, g * s.ng + n, r0 + rr, 0);
-          const T* src = o + n * Q + rr * s.out_width;
-          for (int64_t w = 0; w < s.out_width; ++w) dst[w * y.sw] = src[w] + bn;
-        }
+      const int64_t b = tile / (s.groups * tiling.per_image);
+      const int64_t g = (tile / tiling.per_image) % s.groups;
+      const int64_t tt = tile % tiling.per_image;
+      const int64_t r0 = tiling.begin(tt, s.out_height), r1 = tiling.begin(tt + 1, s.out_height);
+      const int64_t rows = r1 - r0, Q = rows * s.out_width;
+      vertical_stage<T, CL>(s, x + b * in_image, wvp, g, r0, r1, t);
+      gather_mid_cols<T, CL>(s, t, rows, tcols);
+      T* yt = y + b * out_image + L.out(g * s.ng, r0, 0);
+      const T* w = whp + g * s.ng * kdh;
+      if (CL) {
+        gemm<T>(false, true, Q, s.ng, kdh, tcols, kdh, w, kdh, T(0), yt, L.out_ld());
+        if (bias)
+          for (int64_t q = 0; q < Q; ++q)
+            for (int64_t n = 0; n < s.ng; ++n) yt[q * s.out_channels + n] += bias[g * s.ng + n];
+      } else {
+        gemm<T>(false, false, s.ng, Q, kdh, w, kdh, tcols, Q, T(0), yt, L.out_ld());
+        if (bias)
+          for (int64_t n = 0; n < s.ng; ++n) {
+            T* row = yt + n * L.out_ld();
+            const T bn = bias[g * s.ng + n];
+            for (int64_t q = 0; q < Q; ++q) row[q] += bn;
+          }
       }
     }
   });
 }
 
-template <typename T>
-void sep_conv_backward_kernel(const SepConvShape& s, const Tensor& grad_out, const Tensor& input,
-                              const Tensor& weight_v, const Tensor& weight_h, Tensor& grad_input,
-                              Tensor& grad_wv, Tensor& grad_wh, bool need_input, bool need_wv, bool need_wh) {
-  const View4<const T> x(input);
-  const View4<const T> gy(grad_out);
-  const T* wv = weight_v.data_ptr<T>();
-  const T* wh = weight_h.data_ptr<T>();
-  const bool need_xcols = need_wv || need_wh;
-  const int64_t row_elems = 2 * s.cg * s.dv * s.width + 2 * s.kg * s.width + 2 * s.kg * s.dh * s.out_width +
-                            s.ng * s.out_width;
-  const int64_t R = rows_per_tile(s, row_elems, sizeof(T));
-  const int64_t tiles_per_image = (s.out_height + R - 1) / R;
-  const int64_t ldwv = s.cg * s.dv, ldwh = s.kg * s.dh;
-  const int64_t wv_numel = s.rank * ldwv, wh_numel = s.out_channels * ldwh;
+// gy, x, grad_input are contiguous in the layout CL selects; gwv/gwh come back in the
+// packed layouts of wvp/whp.
+template <typename T, bool CL>
+void sep_conv_backward_kernel(const SepConvShape& s, const T* gy, const T* x, const T* wvp, const T* whp, T* gx,
+                              T* gwv, T* gwh) {
+  const Layout<CL> L{s};
+  const int64_t kdh = s.kg * s.dh;
+  const bool need_t = gwh != nullptr, need_dt = gx != nullptr || gwv != nullptr;
+  const int64_t row_elems = 2 * s.kg * s.width + 2 * kdh * s.out_width;
+  const Tiling tiling = choose_tiling(s, row_elems * sizeof(T), 2);
+  const int64_t in_image = s.in_channels * s.height * s.width;
+  const int64_t out_image = s.out_channels * s.out_height * s.out_width;
+  const int64_t wv_numel = s.dv * s.rank * s.cg, wh_numel = s.out_channels * kdh;
 
   // Weight gradients accumulate per thread and are summed at the end.
   const int64_t n_threads = at::get_num_threads();
   std::vector<T> wgrad(n_threads * (wv_numel + wh_numel), T(0));
-  const View4<T> gx = need_input ? View4<T>(grad_input) : View4<T>();
 
-  // Tiles two apart never share input rows (see rows_per_tile), so the grad_input
-  // scatter is race-free if even and odd tiles run in separate passes.
-  const int64_t n_pairs = s.batch * s.groups * ((tiles_per_image + 1) / 2);
+  // Tiles two apart never share input rows (see choose_tiling), so the grad_input
+  // accumulation is race-free if even and odd tiles run in separate passes.
+  const int64_t half = (tiling.per_image + 1) / 2;
+  const int64_t n_items = s.batch * s.groups * half;
   for (int64_t parity = 0; parity < 2; ++parity) {
-    at::parallel_for(0, n_pairs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> buf(R * row_elems);
-      T* xcols = buf.data();
-      T* dxcols = xcols + R * s.cg * s.dv * s.width;
-      T* t = dxcols + R * s.cg * s.dv * s.width;
-      T* dt = t + R * s.kg * s.width;
-      T* tcols = dt + R * s.kg * s.width;
-      T* dtcols = tcols + R * s.kg * s.dh * s.out_width;
-      T* go = dtcols + R * s.kg * s.dh * s.out_width;
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(tiling.max_rows * row_elems);
+      T* t = buf.data();
+      T* dt = t + tiling.max_rows * s.kg * s.width;
+      T* tcols = dt + tiling.max_rows * s.kg * s.width;
+      T* dtcols = tcols + tiling.max_rows * kdh * s.out_width;
       T* my_wgrad = wgrad.data() + at::get_thread_num() * (wv_numel + wh_numel);
-      const int64_t half = (tiles_per_image + 1) / 2;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / (s.groups * half);
         const int64_t g = (item / half) % s.groups;
-        const int64_t tile = 2 * (item % half) + parity;
-        if (tile >= tiles_per_image) continue;
-        const int64_t r0 = tile * R;
-        const int64_t rows = std::min(R, s.out_height - r0);
-        const int64_t P = rows * s.width, Q = rows * s.out_width;
-        for (int64_t n = 0; n < s.ng; ++n) {
-          for (int64_t rr = 0; rr < rows; ++rr) {
-            const T* src = gy.at(b, g * s.ng + n, r0 + rr, 0);
-            T* d = go + n * Q + rr * s.out_width;
-            for (int64_t w = 0; w < s.out_width; ++w) d[w] = src[w * gy.sw];
+        const int64_t tt = 2 * (item % half) + parity;
+        if (tt >= tiling.per_image) continue;
+        const int64_t r0 = tiling.begin(tt, s.out_height), r1 = tiling.begin(tt + 1, s.out_height);
+        const int64_t rows = r1 - r0, P = rows * s.width, Q = rows * s.out_width;
+        const T* xb = x + b * in_image;
+        const T* go = gy + b * out_image + L.out(g * s.ng, r0, 0);
+        const T* wh = whp + g * s.ng * kdh;
+        if (need_t) {
+          vertical_stage<T, CL>(s, xb, wvp, g, r0, r1, t);
+          gather_mid_cols<T, CL>(s, t, rows, tcols);
+          T* gw = my_wgrad + wv_numel + g * s.ng * kdh;
+          if (CL) {  // gwh (Ng x kdh) += go^T (Ng x Q) * tcols (Q x kdh)
+            gemm<T>(true, false, s.ng, kdh, Q, go, L.out_ld(), tcols, kdh, T(1), gw, kdh);
+          } else {  // gwh (Ng x kdh) += go (Ng x Q) * tcols^T (Q x kdh)
+            gemm<T>(false, true, s.ng, kdh, Q, go, L.out_ld(), tcols, Q, T(1), gw, kdh);
           }
         }
-        if (need_xcols) gather_input_cols(s, x, b, g * s.cg, r0, rows, xcols);
-        if (need_wh) {
-          gemm<T>(false, false, s.kg, P, ldwv, wv + g * s.kg * ldwv, ldwv, xcols, P, T(0), t, P);
-          gather_mid_cols(s, t, rows, tcols);
-          // grad_wh[g] += go (Ng x Q) * tcols^T (Q x Kg*dh)
-          gemm<T>(false, true, s.ng, ldwh, Q, go, Q, tcols, Q, T(1), my_wgrad + wv_numel + g * s.ng * ldwh,
-                  ldwh);
+        if (!need_dt) continue;
+        if (CL) {  // dtcols (Q x kdh) = go (Q x Ng) * wh (Ng x kdh)
+          gemm<T>(false, false, Q, kdh, s.ng, go, L.out_ld(), wh, kdh, T(0), dtcols, kdh);
+        } else {  // dtcols (kdh x Q) = wh^T (kdh x Ng) * go (Ng x Q)
+          gemm<T>(true, false, kdh, Q, s.ng, wh, kdh, go, L.out_ld(), T(0), dtcols, Q);
         }
-        if (!(need_wv || need_input)) continue;
-        // dtcols = wh[g]^T (Kg*dh x Ng) * go (Ng x Q)
-        gemm<T>(true, false, ldwh, Q, s.ng, wh + g * s.ng * ldwh, ldwh, go, Q, T(0), dtcols, Q);
-        scatter_mid_cols(s, dtcols, rows, dt);
-        if (need_wv) {
-          // grad_wv[g] += dt (Kg x P) * xcols^T (P x Cg*dv)
-          gemm<T>(false, true, s.kg, ldwv, P, dt, P, xcols, P, T(1), my_wgrad + g * s.kg * ldwv, ldwv);
-        }
-        if (need_input) {
-          // dxcols = wv[g]^T (Cg*dv x Kg) * dt (Kg x P)
-          gemm<T>(true, false, ldwv, P, s.kg, wv + g * s.kg * ldwv, ldwv, dt, P, T(0), dxcols, P);
-          scatter_add_input_cols(s, gx, b, g * s.cg, r0, rows, dxcols);
-        }
+        scatter_mid_cols<T, CL>(s, dtcols, rows, dt);
+        for_each_tap_run(s, r0, r1, [&](int64_t i, int64_t rr, int64_t h, int64_t npix) {
+          const int64_t wofs = (i * s.rank + g * s.kg) * s.cg;
+          const T* dts = CL ? dt + rr * s.width * s.kg : dt + rr * s.width;
+          const int64_t xofs = L.in(g * s.cg, h, 0);
+          if (gwv) {
+            T* gw = my_wgrad + wofs;
+            if (CL) {  // gwv_i (Kg x Cg) += dt^T (Kg x npix) * x (npix x Cg)
+              gemm<T>(true, false, s.kg, s.cg, npix, dts, s.kg, xb + xofs, L.in_ld(), T(1), gw, s.cg);
+            } else {  // gwv_i (Kg x Cg) += dt (Kg x npix) * x^T (npix x Cg)
+              gemm<T>(false, true, s.kg, s.cg, npix, dts, P, xb + xofs, L.in_ld(), T(1), gw, s.cg);
+            }
+          }
+          if (gx) {
+            T* gxs = gx + b * in_image + xofs;
+            if (CL) {  // gx (npix x Cg) += dt (npix x Kg) * wv_i (Kg x Cg)
+              gemm<T>(false, false, npix, s.cg, s.kg, dts, s.kg, wvp + wofs, s.cg, T(1), gxs, L.in_ld());
+            } else {  // gx (Cg x npix) += wv_i^T (Cg x Kg) * dt (Kg x npix)
+              gemm<T>(true, false, s.cg, npix, s.kg, wvp + wofs, s.cg, dts, P, T(1), gxs, L.in_ld());
+            }
+          }
+        });
       }
     });
   }
-  T* gwv = need_wv ? grad_wv.data_ptr<T>() : nullptr;
-  T* gwh = need_wh ? grad_wh.data_ptr<T>() : nullptr;
   for (int64_t th = 0; th < n_threads; ++th) {
     const T* src = wgrad.data() + th * (wv_numel + wh_numel);
     if (gwv)
@@ -394,6 +459,17 @@ void sep_conv_backward_kernel(const SepConvShape& s, const Tensor& grad_out, con
       for (int64_t i = 0; i < wh_numel; ++i) gwh[i] = (th ? gwh[i] : T(0)) + src[wv_numel + i];
   }
 }
+
+// Weight layouts the kernels read: wvp (dv, K, Cg) = weight_v permuted so each tap is a
+// (K x Cg) matrix; whp (N, Kg*dh) in the order of gather_mid_cols: (k, j) for NCHW,
+// (j, k) for NHWC.
+Tensor pack_weight_v(const Tensor& wv) { return wv.permute({2, 0, 1, 3}).contiguous(); }
+Tensor pack_weight_h(const Tensor& wh, bool cl) { return cl ? wh.permute({0, 3, 1, 2}).contiguous() : wh.contiguous(); }
+Tensor unpack_weight_v(const Tensor& wvp) { return wvp.permute({1, 2, 0, 3}).contiguous(); }
+Tensor unpack_weight_h(const Tensor& whp, bool cl) {
+  return cl ? whp.permute({0, 2, 3, 1}).contiguous() : whp;
+}
+
 
 // Reduced-precision inputs compute in float32.
 at::ScalarType compute_dtype(at::ScalarType t) {
@@ -405,17 +481,21 @@ Tensor sep_conv_cpu(const Tensor& input, const Tensor& weight_v, const Tensor& w
                     at::IntArrayRef dilation, int64_t groups) {
   const SepConvShape s = check_sep_conv(input, weight_v, weight_h, bias, stride, padding, dilation, groups);
   const auto memory_format = input.suggest_memory_format();
+  const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
   const auto ct = compute_dtype(input.scalar_type());
   Tensor out = at::empty({s.batch, s.out_channels, s.out_height, s.out_width},
                          input.options().dtype(ct).memory_format(memory_format));
   if (out.numel() == 0) return out.to(input.scalar_type());
-  const Tensor x = input.to(ct);
-  const Tensor wv = weight_v.to(ct).contiguous();
-  const Tensor wh = weight_h.to(ct).contiguous();
+  const Tensor x = input.to(ct).contiguous(memory_format);
+  const Tensor wvp = pack_weight_v(weight_v.to(ct));
+  const Tensor whp = pack_weight_h(weight_h.to(ct), cl);
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(ct, "sep_conv_cpu", [&] {
-    sep_conv_forward_kernel<scalar_t>(s, x, wv, wh, has_bias ? b.data_ptr<scalar_t>() : nullptr, out);
+    const scalar_t* bp = has_bias ? b.data_ptr<scalar_t>() : nullptr;
+    auto kernel = cl ? &sep_conv_forward_kernel<scalar_t, true> : &sep_conv_forward_kernel<scalar_t, false>;
+    kernel(s, x.data_ptr<scalar_t>(), wvp.data_ptr<scalar_t>(), whp.data_ptr<scalar_t>(), bp,
+           out.data_ptr<scalar_t>());
   });
   return out.to(input.scalar_type());
 }
@@ -433,22 +513,30 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
                     s.out_channels, ", ", s.out_height, ", ", s.out_width, "]");
   const auto ct = compute_dtype(input.scalar_type());
   const auto memory_format = input.suggest_memory_format();
+  const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
   Tensor grad_input = output_mask[0]
-                          ? at::zeros(input.sizes(), input.options().dtype(ct).memory_format(memory_format))
+                          ? at::empty(input.sizes(), input.options().dtype(ct).memory_format(memory_format)).zero_()
                           : at::empty({0}, input.options());
   Tensor grad_wv = output_mask[1] ? at::zeros(weight_v.sizes(), weight_v.options().dtype(ct))
                                   : at::empty({0}, weight_v.options());
   Tensor grad_wh = output_mask[2] ? at::zeros(weight_h.sizes(), weight_h.options().dtype(ct))
                                   : at::empty({0}, weight_h.options());
   if (s.batch > 0 && s.out_channels > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
-    const Tensor x = input.to(ct);
-    const Tensor gy = grad_out.to(ct);
-    const Tensor wv = weight_v.to(ct).contiguous();
-    const Tensor wh = weight_h.to(ct).contiguous();
+    const Tensor x = input.to(ct).contiguous(memory_format);
+    const Tensor gy = grad_out.to(ct).contiguous(memory_format);
+    const Tensor wvp = pack_weight_v(weight_v.to(ct));
+    const Tensor whp = pack_weight_h(weight_h.to(ct), cl);
+    Tensor gwvp = output_mask[1] ? at::empty_like(wvp) : Tensor();
+    Tensor gwhp = output_mask[2] ? at::empty_like(whp) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(ct, "sep_conv_backward_cpu", [&] {
-      sep_conv_backward_kernel<scalar_t>(s, gy, x, wv, wh, grad_input, grad_wv, grad_wh, output_mask[0],
-                                         output_mask[1], output_mask[2]);
+      auto kernel = cl ? &sep_conv_backward_kernel<scalar_t, true> : &sep_conv_backward_kernel<scalar_t, false>;
+      kernel(s, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), wvp.data_ptr<scalar_t>(),
+             whp.data_ptr<scalar_t>(), output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
+             output_mask[1] ? gwvp.data_ptr<scalar_t>() : nullptr,
+             output_mask[2] ? gwhp.data_ptr<scalar_t>() : nullptr);
     });
+    if (output_mask[1]) grad_wv = unpack_weight_v(gwvp);
+    if (output_mask[2]) grad_wh = unpack_weight_h(gwhp, cl);
   }
   const auto dt = input.scalar_type();
   return {grad_input.to(dt), grad_wv.to(dt), grad_wh.to(dt)};

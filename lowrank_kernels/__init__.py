@@ -2,10 +2,16 @@
 
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
-import torch  # noqa: F401  (loads libtorch, which _C links against, before _C)
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
-from . import _C  # noqa: F401  (loads the C++ ops into torch.ops.lowrank)
+# _C loads the C++ ops into torch.ops.lowrank; _cuda_registration adds the Triton CUDA kernels.
+from . import _C, _cuda_registration, triton  # noqa: F401
+from .batched_svd import batched_svd
+from .compress import compress
+from .export import to_onnx
+from .layers import LowRankLinear, SepConv2d
 from .sep_conv import sep_conv
+from .svd_input import SVDInput
 
-__all__ = ["sep_conv"]
+__all__ = ["sep_conv", "batched_svd", "SepConv2d", "LowRankLinear", "compress", "to_onnx", "SVDInput"]
 __version__ = "0.1.0"

@@ -24,3 +24,11 @@ def sep_conv_reference(
     """sep_conv as the two F.conv2d calls of DESIGN section 4."""
     t = F.conv2d(input, weight_v, None, (stride[0], 1), (padding[0], 0), (dilation[0], 1), groups)
     return F.conv2d(t, weight_h, bias, (1, stride[1]), (0, padding[1]), (1, dilation[1]), groups)
+
+
+def batched_svd_reference(A: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batched_svd as torch.linalg.svd(A, full_matrices=False), truncated to the leading `rank` triplets."""
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    if rank is not None:
+        U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    return U, S, Vh

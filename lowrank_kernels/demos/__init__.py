@@ -1,0 +1,1 @@
+"""Runnable demonstrations (`python -m lowrank_kernels.demos.<name>`)."""
