@@ -25,8 +25,10 @@ import argparse
 import os
 import re
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -267,12 +269,17 @@ def measure_row(
     }
     del outputs
     timed = {_key(name, t): _with_threads(fn, t) for t in threads for name, fn in fns.items()}
+    wall, cpu = time.perf_counter(), time.process_time()
     timings = harness.time_interleaved(
         timed, rounds=rounds, warmup=warmup, min_round_s=MIN_ROUND_S, device=device, seed=seed
     )
+    # Cores this process actually got while timing: far below the thread counts asked for
+    # means other processes took the CPU and the row is noisy.
+    cores_used = (time.process_time() - cpu) / (time.perf_counter() - wall)
     if top is not None:
         torch.set_num_threads(top)
-    mem = {name: harness.peak_memory_mib(fn, device=device) for name, fn in fns.items()} if memory else {}
+    # Every candidate is warm after the rounds: one call shows its steady-state peak.
+    mem = {name: harness.peak_memory_mib(fn, device=device, repeats=1) for name, fn in fns.items()} if memory else {}
     dense_flops, lowrank_flops = mode_flops(layer, batch, mode)
     intermediate = batch * layer.rank * layer.out_hw[0] * layer.width * torch.finfo(dtype).bits // 8
     output = batch * layer.out_channels * layer.out_hw[0] * layer.out_hw[1] * torch.finfo(dtype).bits // 8
@@ -285,6 +292,7 @@ def measure_row(
         "lowrank_flops": lowrank_flops,
         "flop_ratio": dense_flops / lowrank_flops,
         "timings": timings,
+        "cores_used": cores_used,
         "max_rel_error": errors,
         "check_tolerance": _CHECK_TOL[dtype],
         "peak_memory_mib": mem,
@@ -350,7 +358,8 @@ TARGETS = (
 
 def evaluate_targets(rows: Sequence[dict[str, Any]], threads: Sequence[int | None]) -> list[dict[str, Any]]:
     """Issue 3's targets on the measured rows: per target and sep_conv memory format, the min and
-    median over the rows it applies to, PASS/FAIL, and the failing rows. Targets are defined at
+    median over the rows it applies to, PASS/FAIL, and the worst failing rows (every value is
+    in the result's "values"). Targets are defined at
     2 threads; runs without 2 threads are judged at their largest thread count."""
     at = 2 if 2 in threads else threads[-1]
     results = []
@@ -368,7 +377,10 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], threads: Sequence[int | Non
                 else:
                     v = derived(r, at)[f"{sep}_{target.metric}"]
                 values.append((f"{r['name']}/b{r['batch']}", v))
-            failing = [f"{label} {v:.2f}" for label, v in values if v < target.need]
+            failing = sorted(((v, label) for label, v in values if v < target.need))
+            shown = ", ".join(f"{label} {v:.2f}" for v, label in failing[:3])
+            if len(failing) > 3:
+                shown += f" (+{len(failing) - 3} more)"
             results.append(
                 {
                     "mode": target.mode,
@@ -380,7 +392,7 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], threads: Sequence[int | Non
                     "median": statistics.median(v for _, v in values),
                     "rows": len(values),
                     "result": "PASS" if not failing else "FAIL",
-                    "failing": ", ".join(failing) or "-",
+                    "failing": shown or "-",
                     "values": dict(values),
                 }
             )
@@ -425,6 +437,7 @@ def format_tables(rows: Sequence[dict[str, Any]], threads: int | None) -> str:
                 "eff_cl": _fmt(d["sep_cl_efficiency"]),
                 **{f"MiB {n}": _fmt(mem.get(n), ".1f") for n in ("unfused", "unfused_cl", "sep", "sep_cl")},
                 "MiB out": _fmt(r["output_mib"], ".1f"),
+                "cores": _fmt(r.get("cores_used")),
                 "check": "ok" if not bad else "WRONG " + ",".join(bad),
             }
         )
@@ -440,6 +453,9 @@ ms: median per call; * = the faster of NCHW and channels_last. GF/s: dense FLOPs
 x: speedup over dense* (ideal = FLOP ratio); sep/unf*: sep_conv speedup over the best unfused pair;
 eff: sep_conv GFLOP/s / dense* GFLOP/s (= x / FLOP ratio). MiB: peak extra memory of one call
 (process peak RSS during the call minus before it, output included; MiB out = the output's size).
+cores: CPU cores the process got while timing the row (CPU time / wall time). Undisturbed: about
+the thread count (about 1.3-1.5 with --threads 1,2 interleaved); far below it = other processes
+took the CPU and the row is noisy.
 check: sep_conv's result against the unfused pair (max rel. error <= tolerance)."""
 
 
@@ -528,6 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["cpu", "cuda"],
         help="default: cuda if available",
     )
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print the tables and plot of an earlier run's JSON (no timing)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data and round order (default: 0)")
 
 
@@ -541,6 +560,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the suite: progress while it runs, tables and target summary at the end, JSON + PNG."""
     from tqdm import tqdm
 
+    if args.report is not None:
+        return _rerun_report(args)
     try:
         layers = parse_layers(args.layers, args.net)
     except ValueError as e:
@@ -577,12 +598,34 @@ def run(args: argparse.Namespace) -> int:
         bar.write(
             f"{mode:7s} {layer.name:>8s} b{batch}: dense* {d['best_dense_ms']:.2f} ms, unfused* "
             f"{d['best_unfused_ms']:.2f} ms, sep {d['ms']['sep']:.2f} / sep_cl {d['ms']['sep_cl']:.2f} ms "
-            f"(FLOP ratio {row['flop_ratio']:.2f}, sep x {d['sep_speedup']:.2f}, sep/unf* {d['sep_vs_unfused']:.2f})"
+            f"(FLOP ratio {row['flop_ratio']:.2f}, sep x {d['sep_speedup']:.2f}, sep/unf* {d['sep_vs_unfused']:.2f}; "
+            f"process got {row['cores_used']:.2f} cores)"
         )
     bar.close()
 
-    dev = args.device if args.device != "cpu" else f"cpu, {harness.machine_info()['cpu']}"
-    print(f"\nsep_conv suite ({args.net}), {args.dtype}, {dev}, {rounds} rounds per row")
+    targets = _report(rows, modes, threads, args.dtype, args.device, args.net, rounds, load)
+    json_path = harness.save_json(
+        args.json,
+        {
+            "suite": "sep_conv",
+            "args": {k: v if isinstance(v, int | float | list | None) else str(v) for k, v in vars(args).items()},
+            "rounds": rounds,
+            "loadavg_before": load,
+            "candidates": CANDIDATES,
+            "rows": [{**r, "derived": {str(t): derived(r, t) for t in threads}} for r in rows],
+            "targets": targets,
+        },
+    )
+    title = f"sep_conv suite ({args.net}), {args.dtype}, {args.device}"
+    plot_path = _plot(args.plot, rows, modes, args.batch, threads, title)
+    print(f"\nwrote {json_path}\nwrote {plot_path}")
+    return 0
+
+
+def _report(rows, modes, threads, dtype: str, device: str, net: str, rounds: int, load) -> list[dict[str, Any]]:
+    """Print the tables, the legend and the target summary; return the target results."""
+    dev = device if device != "cpu" else f"cpu, {harness.machine_info()['cpu']}"
+    print(f"\nsep_conv suite ({net}), {dtype}, {dev}, {rounds} rounds per row")
     if load is not None:
         print(f"load average before the run (1/5/15 min): {load} on {os.cpu_count()} cores", end="")
         print(" - other processes were running: expect noise" if load[0] > 0.5 else "")
@@ -600,26 +643,35 @@ def run(args: argparse.Namespace) -> int:
     print(LEGEND)
     targets = evaluate_targets(rows, threads)
     if targets:
-        note = "" if args.dtype == "float32" else f" (targets are defined for float32; this run is {args.dtype})"
+        note = "" if dtype == "float32" else f" (targets are defined for float32; this run is {dtype})"
         print(f"\nIssue-3 targets: min and median over the rows each applies to{note}")
         print(
             harness.format_table(
                 targets, ["mode", "target", "format", "threads", "rows", "min", "median", "need", "result", "failing"]
             )
         )
-    json_path = harness.save_json(
-        args.json,
-        {
-            "suite": "sep_conv",
-            "args": {k: v if isinstance(v, int | float | list | None) else str(v) for k, v in vars(args).items()},
-            "rounds": rounds,
-            "loadavg_before": load,
-            "candidates": CANDIDATES,
-            "rows": [{**r, "derived": {str(t): derived(r, t) for t in threads}} for r in rows],
-            "targets": targets,
-        },
-    )
-    title = f"sep_conv suite ({args.net}), {args.dtype}, {args.device}"
-    plot_path = _plot(args.plot, rows, modes, args.batch, threads, title)
-    print(f"\nwrote {json_path}\nwrote {plot_path}")
+    return targets
+
+
+def _rerun_report(args: argparse.Namespace) -> int:
+    """--report: the tables, summary and plot of an earlier run's JSON, without timing anything."""
+    import json
+
+    try:
+        data = json.loads(args.report.read_text())
+        rows = data["rows"]
+        for r in rows:
+            r["timings"] = {k: harness.Timing(**v) for k, v in r["timings"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"lowrank bench sep_conv: --report {args.report}: not a sep_conv results file ({e})") from None
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    batches = sorted({r["batch"] for r in rows})
+    keys = next(iter(rows))["timings"] if rows else {}
+    threads = sorted({int(k.split("@")[1]) for k in keys if "@" in k}) or [None]
+    old = data.get("args", {})
+    dtype, device, net = old.get("dtype", "?"), old.get("device", "?"), old.get("net", "?")
+    print(f"report of {args.report} (measured {data.get('machine', {}).get('date', '?')})")
+    _report(rows, modes, threads, dtype, device, net, data.get("rounds", 0), data.get("loadavg_before"))
+    plot_path = _plot(args.plot, rows, modes, batches, threads, f"sep_conv suite ({net}), {dtype}, {device}")
+    print(f"\nwrote {plot_path}")
     return 0
