@@ -17,18 +17,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "blas.h"
+
 #include <algorithm>
 #include <vector>
-
-// Fortran BLAS exported by libtorch_cpu (MKL here).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
 
 namespace lowrank {
 namespace {
@@ -40,30 +32,7 @@ using at::Tensor;
 // 32 -> 0.66, 0.69, 0.65; 64 -> 0.74, 0.73, 0.87; 96 -> 0.83, 0.75, 0.80.
 constexpr int64_t kPanel = 32;
 
-inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
-                      int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
-                      const double* b, int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-// Row-major C(MxN) = alpha op(A) op(B) + beta C, through the column-major BLAS as
-// C^T = op(B)^T op(A)^T.
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // BLAS would still scale C by beta; keep the same meaning without the call
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
-    return;
-  }
-  blas_gemm(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m),
-            static_cast<int>(k), alpha, b, static_cast<int>(std::max<int64_t>(ldb, 1)), a,
-            static_cast<int>(std::max<int64_t>(lda, 1)), beta, c, static_cast<int>(std::max<int64_t>(ldc, 1)));
-}
+using blas::gemm;
 
 // One compact-WY panel: reflectors j0 .. j0+b-1 acting on rows j0 .. m-1.
 template <typename T>

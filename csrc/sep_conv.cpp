@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "blas.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <vector>
@@ -105,45 +107,7 @@ SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const T
   return s;
 }
 
-}  // namespace
-}  // namespace lowrank
-
-// Fortran BLAS exported by libtorch_cpu (MKL or OpenBLAS, whichever torch was built with).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
-
-namespace lowrank {
-namespace {
-
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-                      const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// Row-major C(MxN) = op(A)(MxK) * op(B)(KxN) + beta*C. BLAS is column-major, so this
-// computes C^T = op(B)^T op(A)^T. Leading dimensions must be >= 1 for BLAS.
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-  const int lda_i = static_cast<int>(std::max<int64_t>(1, ldb)), ldb_i = static_cast<int>(std::max<int64_t>(1, lda));
-  const int ldc_i = static_cast<int>(std::max<int64_t>(1, ldc));
-  const T one(1);
-  blas_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &mi, &ni, &ki, &one, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
-}
+using blas::gemm;
 
 // How the output rows of one (batch, group) image are cut into tiles. Tile t covers rows
 // [t*H'/n, (t+1)*H'/n), so tile heights differ by at most one row.
