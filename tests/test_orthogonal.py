@@ -148,3 +148,18 @@ def test_orthogonal_conv_bad_arguments():
         lk.OrthogonalConv2d(3, 3, 3, padding=-1)
     with pytest.raises(ValueError, match="padding"):
         lk.OrthogonalConv2d(3, 3, 3, padding="full")
+
+
+def test_torch_compile_fullgraph():
+    conv = lk.OrthogonalConv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, conv(x))
+    out.sum().backward()
+    assert conv.vectors.grad is not None
+    w = torch.randn(8, 3, 3, 3, requires_grad=True)
+    loss = torch.compile(
+        lambda w: lk.orthogonality_loss(w) + lk.orthonormality_loss(w.reshape(8, -1).T), fullgraph=True, backend="eager"
+    )(w)
+    torch.testing.assert_close(loss, lk.orthogonality_loss(w) + lk.orthonormality_loss(w.reshape(8, -1).T))
