@@ -86,10 +86,12 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_out):
+def _sep_conv_grads(ctx, grad_out, backward_op):
+    """Autograd backward of sep_conv given the op computing (grad_input, grad_wv, grad_wh);
+    shared by the registered autograd and the Triton interpreter path."""
     input, weight_v, weight_h = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_input, grad_wv, grad_wh = torch.ops.lowrank.sep_conv_backward(
+    grad_input, grad_wv, grad_wh = backward_op(
         grad_out, input, weight_v, weight_h, *ctx.conv_args, [need[0], need[1], need[2]]
     )
     grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and need[3] else None
@@ -103,6 +105,10 @@ def _backward(ctx, grad_out):
         None,
         None,
     )
+
+
+def _backward(ctx, grad_out):
+    return _sep_conv_grads(ctx, grad_out, torch.ops.lowrank.sep_conv_backward)
 
 
 torch.library.register_autograd("lowrank::sep_conv", _backward, setup_context=_setup_context)

@@ -81,6 +81,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from .._conv_args import _check_sep_conv
+from ..sep_conv import _sep_conv_grads, _setup_context
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -1028,34 +1029,13 @@ def _backward(
 class _SepConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight_v, weight_h, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(input, weight_v, weight_h)
-        ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
-        return sep_conv_forward(input, weight_v, weight_h, bias, stride, padding, dilation, groups)
+        inputs = (input, weight_v, weight_h, bias, stride, padding, dilation, groups)
+        _setup_context(ctx, inputs, None)
+        return sep_conv_forward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, weight_v, weight_h = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_input, grad_wv, grad_wh = sep_conv_backward(
-            grad_out,
-            input,
-            weight_v,
-            weight_h,
-            *ctx.conv_args,
-            [need[0], need[1], need[2]],
-        )
-        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and need[3] else None
-        return (
-            grad_input if need[0] else None,
-            grad_wv if need[1] else None,
-            grad_wh if need[2] else None,
-            grad_bias,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _sep_conv_grads(ctx, grad_out, sep_conv_backward)
 
 
 def sep_conv(input, weight_v, weight_h, bias, stride, padding, dilation, groups) -> torch.Tensor:
