@@ -194,4 +194,19 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "json", None):
         path = harness.save_json(args.json, {"suite": "svd", "rows": rows, "targets": verdicts})
         print(f"\nsaved {path}")
+    if getattr(args, "plot", None):
+        panels = [
+            harness.PlotPanel(
+                title=f"{args.dtype}, {t} thread(s)",
+                labels=[r["shape"] for r in rows if r["threads"] == t],
+                bars={
+                    "vs torch.linalg.svd": [r["x_vs_svd"] for r in rows if r["threads"] == t],
+                    "vs torch.linalg.svdvals": [r["x_vs_svdvals"] for r in rows if r["threads"] == t],
+                },
+                levels={"1x": [1.0 for r in rows if r["threads"] == t]},
+            )
+            for t in threads
+        ]
+        path = harness.plot_grouped_bars(args.plot, panels, ylabel="speedup of batched_svd", title="svd suite")
+        print(f"saved {path}")
     return 0

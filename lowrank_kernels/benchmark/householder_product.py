@@ -243,6 +243,24 @@ def run(args: argparse.Namespace) -> int:
     if json_path:
         path = harness.save_json(json_path, {"suite": "householder", "products": product_rows, "network": network_rows})
         print(f"\nJSON: {path}")
+    plot_path = getattr(args, "plot", None)
+    if plot_path:
+        panels = [
+            harness.PlotPanel(
+                title=f"householder_product {mode}",
+                labels=[f"{r['shape']} {r['threads']}t" for r in product_rows if r["mode"] == mode],
+                bars={
+                    "vs torch.linalg.householder_product": [
+                        r["x_vs_torch"] for r in product_rows if r["mode"] == mode
+                    ],
+                    "vs parametrizations.orthogonal": [r["x_vs_param"] for r in product_rows if r["mode"] == mode],
+                },
+                levels={"1x": [1.0 for r in product_rows if r["mode"] == mode]},
+            )
+            for mode in dict.fromkeys(r["mode"] for r in product_rows)
+        ]
+        path = harness.plot_grouped_bars(plot_path, panels, ylabel="speedup (higher is better)", title="householder")
+        print(f"plot: {path}")
     return 0
 
 
