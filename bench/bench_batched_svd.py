@@ -18,14 +18,6 @@ from lowrank_kernels.benchmark import batched_svd as suite
 SHAPES = [(1000, 8, 8), (1000, 16, 16), (256, 32, 32), (64, 64, 64)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("candidate", suite.CANDIDATES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_svd_suite(benchmark, shape, candidate):

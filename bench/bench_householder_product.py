@@ -25,14 +25,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shape,mode,candidate", CASES)
 def test_householder_suite(benchmark, shape, mode, candidate):
     fns = suite.make_candidates(shape, mode)

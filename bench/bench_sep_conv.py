@@ -13,7 +13,6 @@ checked against the unfused pair."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lowrank_kernels.benchmark import sep_conv as suite
 
@@ -21,14 +20,6 @@ from lowrank_kernels.benchmark import sep_conv as suite
 LAYERS = [
     layer for layer in suite.NETS["vgg16"] if layer.name in ("conv1_2", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("candidate", suite.CANDIDATES)
