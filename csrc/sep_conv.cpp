@@ -225,6 +225,19 @@ void vertical_stage(const SepConvShape& s, const T* xb, const T* wvp, int64_t g,
   });
 }
 
+// Horizontal tap j reads intermediate column off + w'*sh for output column w'; returns off and
+// the output-column range [w_lo, w_hi) whose source column lies inside [0, W).
+struct TapColumns {
+  int64_t off, w_lo, w_hi;
+};
+inline TapColumns tap_columns(const SepConvShape& s, int64_t j) {
+  const int64_t off = j * s.dil_h - s.pad_h;
+  const int64_t w_lo = std::min(s.out_width, off >= 0 ? 0 : (-off + s.stride_h - 1) / s.stride_h);
+  const int64_t w_hi =
+      std::max(w_lo, s.width - off <= 0 ? 0 : std::min(s.out_width, (s.width - 1 - off) / s.stride_h + 1));
+  return {off, w_lo, w_hi};
+}
+
 // Horizontal im2col of the intermediate tile. NCHW: tcols[(k*dh + j), q] (Kg*dh x Q);
 // NHWC: tcols[q, (j*Kg + k)] (Q x dh*Kg), q = rr*W' + w'; source column w'*sh - ph + j*lh,
 // zero outside [0, W).
@@ -232,10 +245,7 @@ template <typename T, bool CL>
 void gather_mid_cols(const SepConvShape& s, const T* t, int64_t rows, T* tcols) {
   const int64_t P = rows * s.width, Q = rows * s.out_width, kg = s.kg;
   for (int64_t j = 0; j < s.dh; ++j) {
-    const int64_t off = j * s.dil_h - s.pad_h;
-    // Output columns whose source column off + w'*sh lies in [0, W).
-    const int64_t w_lo = std::min(s.out_width, off >= 0 ? 0 : (-off + s.stride_h - 1) / s.stride_h);
-    const int64_t w_hi = std::max(w_lo, s.width - off <= 0 ? 0 : std::min(s.out_width, (s.width - 1 - off) / s.stride_h + 1));
+    const auto [off, w_lo, w_hi] = tap_columns(s, j);
     for (int64_t rr = 0; rr < rows; ++rr) {
       if (CL) {
         T* d = tcols + rr * s.out_width * s.dh * kg + j * kg;
@@ -267,9 +277,7 @@ void scatter_mid_cols(const SepConvShape& s, const T* dtcols, int64_t rows, T* d
   const int64_t P = rows * s.width, Q = rows * s.out_width, kg = s.kg;
   std::fill(dt, dt + kg * P, T(0));
   for (int64_t j = 0; j < s.dh; ++j) {
-    const int64_t off = j * s.dil_h - s.pad_h;
-    const int64_t w_lo = std::min(s.out_width, off >= 0 ? 0 : (-off + s.stride_h - 1) / s.stride_h);
-    const int64_t w_hi = std::max(w_lo, s.width - off <= 0 ? 0 : std::min(s.out_width, (s.width - 1 - off) / s.stride_h + 1));
+    const auto [off, w_lo, w_hi] = tap_columns(s, j);
     for (int64_t rr = 0; rr < rows; ++rr) {
       if (CL) {
         const int64_t ld = s.dh * kg;
