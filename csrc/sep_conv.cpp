@@ -2,18 +2,24 @@
 // (1 x dh) conv K -> N, computed tile by tile so the (B, K, H', W) intermediate never
 // exists in full. See DESIGN.md section 4 for the exact semantics.
 //
-// A tile is (batch b, group g, a block of R output rows). Per tile, stage 1 gathers the
-// input rows it needs into a column buffer and runs one GEMM into the intermediate tile;
-// stage 2 does the same on the intermediate tile. All buffers are thread-local and sized
-// to stay in L2, and the GEMMs go to the BLAS torch was built with.
+// A tile is (batch b, group g, a block of R output rows); all buffers are thread-local and
+// sized to stay in L2. Two implementations share the tiling:
+//   * float32 with stride 1 on AVX2/FMA builds: sep_conv_forward_avx2, both stages on the
+//     register-blocked micro-kernel of sep_conv_avx2.h, reading activations in place;
+//   * everything else (float64, strides > 1, the backward, non-AVX2 builds): one GEMM per
+//     vertical tap reading the input in place, an im2col of the intermediate tile, and a GEMM
+//     writing the output tile, on the BLAS torch was built with.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "blas.h"
+#include "sep_conv_avx2.h"
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
+#include <numeric>
 #include <vector>
 
 namespace lowrank {
@@ -432,6 +438,129 @@ void sep_conv_backward_kernel(const SepConvShape& s, const T* gy, const T* x, co
   }
 }
 
+#ifdef LOWRANK_SEP_CONV_AVX2
+// Fused float32 forward for stride 1 on the AVX2 micro-kernels of sep_conv_avx2.h. Tiles are
+// the same (image, group, block of output rows) as above; both stages run pixel-major, in
+// both memory formats:
+//   * stage 1 reads the tile's input rows as (pixels x Cg): in place for channels_last
+//     interior tiles; otherwise copied (and for NCHW transposed) into a buffer, with zero rows
+//     where the tile reaches into the vertical padding;
+//   * the intermediate goes to tpad (rows x (W + 2 ph) pixels x Kg), zero pixels either side
+//     of every row being the horizontal padding;
+//   * stage 2 writes y in place for channels_last; for NCHW it writes a pixel-major tile
+//     that is transposed into y.
+// NCHW reads channel planes H*W apart, which for 224x224 or 112x112 planes fall into a few
+// L1 sets; the pixel-major copy avoids that, and per input element it costs about one load
+// and store against 2*Kg*dv FLOPs. wv and wh are the contiguous float weights.
+constexpr int64_t kReductionBlock = 256;  // taps * channels per pass: the packed weight panel (16 KiB) stays in L1
+
+template <bool CL>
+void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* wv, const float* wh, const float* bias,
+                           float* y) {
+  namespace k = avx2;
+  const int64_t wv_group = k::packed_panels_size(s.kg, s.cg, s.dv);
+  const int64_t wh_group = k::packed_panels_size(s.ng, s.kg, s.dh);
+  const std::unique_ptr<float[]> wvp(new float[s.groups * wv_group]), whp(new float[s.groups * wh_group]);
+  k::pack_panels(wv, s.groups, s.kg, s.cg, s.dv, wvp.get());
+  k::pack_panels(wh, s.groups, s.ng, s.kg, s.dh, whp.get());
+
+  const int64_t H = s.height, W = s.width, Wp = W + 2 * s.pad_h, Ho = s.out_height, Wo = s.out_width;
+  const int64_t halo = s.dil_v * (s.dv - 1);
+  const int64_t row_elems = s.cg * W + s.kg * Wp + (CL ? 0 : s.ng * Wo);
+  const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1);
+  const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
+  const int64_t in_image = s.in_channels * H * W, out_image = s.out_channels * Ho * Wo;
+  const int64_t cblk = std::max<int64_t>(1, kReductionBlock / s.dv), kblk = std::max<int64_t>(1, kReductionBlock / s.dh);
+
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_rows = tiling.max_rows;
+    const std::unique_ptr<float[]> xbuf(new float[(max_rows + halo) * W * s.cg]);
+    const std::unique_ptr<float[]> tpad(new float[max_rows * Wp * s.kg]);
+    const std::unique_ptr<float[]> ybuf(new float[CL ? 0 : max_rows * Wo * s.ng]);
+    std::vector<int64_t> tap_v(s.dv), tap_h(s.dh);
+    float* crow[k::kMR];
+    const float* arow[k::kMR];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / (s.groups * tiling.per_image);
+      const int64_t g = (tile / tiling.per_image) % s.groups;
+      const int64_t tt = tile % tiling.per_image;
+      const int64_t r0 = tiling.begin(tt, Ho), r1 = tiling.begin(tt + 1, Ho);
+      const int64_t rows = r1 - r0, P = rows * W, Q = rows * Wo, nin = rows + halo, top = r0 - s.pad_v;
+      const float* wvg = wvp.get() + g * wv_group;
+      const float* whg = whp.get() + g * wh_group;
+
+      // Stage 1 operand: nin input rows as (nin*W pixels x Cg), pixel stride ld.
+      const float* xg = x + b * in_image + (CL ? g * s.cg : g * s.cg * H * W);
+      const float* src = xbuf.get();
+      int64_t ld = s.cg;
+      if (CL && top >= 0 && top + nin <= H) {
+        src = xg + top * W * s.in_channels;
+        ld = s.in_channels;
+      } else {
+        for (int64_t rr = 0; rr < nin; ++rr) {
+          const int64_t h = top + rr;
+          float* d = xbuf.get() + rr * W * s.cg;
+          if (h < 0 || h >= H) {
+            std::fill_n(d, W * s.cg, 0.f);
+          } else if (CL) {
+            for (int64_t w = 0; w < W; ++w) std::copy_n(xg + (h * W + w) * s.in_channels, s.cg, d + w * s.cg);
+          } else {
+            k::transpose(xg + h * W, H * W, s.cg, W, d, s.cg);  // (Cg x W) plane rows -> (W x Cg)
+          }
+        }
+      }
+      for (int64_t i = 0; i < s.dv; ++i) tap_v[i] = i * s.dil_v * W * ld;
+      for (int64_t j = 0; j < s.dh; ++j) tap_h[j] = j * s.dil_h * s.kg;
+
+      // Stage 1: tpad interior pixels (P x Kg) = sum_i X_i (P x Cg) * Wv_i^T (Cg x Kg).
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        std::fill_n(tpad.get() + rr * Wp * s.kg, s.pad_h * s.kg, 0.f);
+        std::fill_n(tpad.get() + (rr * Wp + s.pad_h + W) * s.kg, s.pad_h * s.kg, 0.f);
+      }
+      for (int64_t c0 = 0; c0 < s.cg; c0 += cblk) {
+        const int64_t cl = std::min(cblk, s.cg - c0);
+        for (int64_t np = 0; np * k::kNR < s.kg; ++np) {
+          const int64_t nc = std::min<int64_t>(k::kNR, s.kg - np * k::kNR);
+          const float* bp = wvg + np * s.dv * s.cg * k::kNR + c0 * k::kNR;
+          for (int64_t p0 = 0; p0 < P; p0 += k::kMR) {
+            const int rm = static_cast<int>(std::min<int64_t>(k::kMR, P - p0));
+            for (int m = 0; m < rm; ++m) {
+              const int64_t p = p0 + m;
+              arow[m] = src + p * ld + c0;
+              crow[m] = tpad.get() + ((p / W) * Wp + s.pad_h + p % W) * s.kg + np * k::kNR;
+            }
+            k::kernel_tile(rm, nc, s.dv, tap_v.data(), cl, arow, bp, s.cg * k::kNR, crow, c0 > 0, nullptr);
+          }
+        }
+      }
+
+      // Stage 2: output pixels (Q x Ng) = sum_j T_j (Q x Kg) * Wh_j^T (Kg x Ng), bias on the
+      // first pass; micro-tile rows are output pixels taken across row ends.
+      float* yb = y + b * out_image;
+      for (int64_t k0 = 0; k0 < s.kg; k0 += kblk) {
+        const int64_t kl = std::min(kblk, s.kg - k0);
+        for (int64_t np = 0; np * k::kNR < s.ng; ++np) {
+          const int64_t nc = std::min<int64_t>(k::kNR, s.ng - np * k::kNR);
+          const float* bp = whg + np * s.dh * s.kg * k::kNR + k0 * k::kNR;
+          const float* bias_p = (k0 == 0 && bias) ? bias + g * s.ng + np * k::kNR : nullptr;
+          for (int64_t q0 = 0; q0 < Q; q0 += k::kMR) {
+            const int rm = static_cast<int>(std::min<int64_t>(k::kMR, Q - q0));
+            for (int m = 0; m < rm; ++m) {
+              const int64_t rr = (q0 + m) / Wo, w = (q0 + m) % Wo;
+              arow[m] = tpad.get() + (rr * Wp + w) * s.kg + k0;
+              crow[m] = CL ? yb + ((r0 + rr) * Wo + w) * s.out_channels + g * s.ng + np * k::kNR
+                           : ybuf.get() + (q0 + m) * s.ng + np * k::kNR;
+            }
+            k::kernel_tile(rm, nc, s.dh, tap_h.data(), kl, arow, bp, s.kg * k::kNR, crow, k0 > 0, bias_p);
+          }
+        }
+      }
+      if (!CL) k::transpose(ybuf.get(), s.ng, Q, s.ng, yb + (g * s.ng * Ho + r0) * Wo, Ho * Wo);  // (Q x Ng) -> (Ng x Q)
+    }
+  });
+}
+#endif
+
 // Weight layouts the kernels read: wvp (dv, K, Cg) = weight_v permuted so each tap is a
 // (K x Cg) matrix; whp (N, Kg*dh) in the order of gather_mid_cols: (k, j) for NCHW,
 // (j, k) for NHWC.
@@ -459,10 +588,19 @@ Tensor sep_conv_cpu(const Tensor& input, const Tensor& weight_v, const Tensor& w
                          input.options().dtype(ct).memory_format(memory_format));
   if (out.numel() == 0) return out.to(input.scalar_type());
   const Tensor x = input.to(ct).contiguous(memory_format);
-  const Tensor wvp = pack_weight_v(weight_v.to(ct));
-  const Tensor whp = pack_weight_h(weight_h.to(ct), cl);
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
+#ifdef LOWRANK_SEP_CONV_AVX2
+  if (ct == at::kFloat && s.stride_v == 1 && s.stride_h == 1) {
+    const Tensor wv = weight_v.to(ct).contiguous(), wh = weight_h.to(ct).contiguous();
+    auto kernel = cl ? &sep_conv_forward_avx2<true> : &sep_conv_forward_avx2<false>;
+    kernel(s, x.data_ptr<float>(), wv.data_ptr<float>(), wh.data_ptr<float>(),
+           has_bias ? b.data_ptr<float>() : nullptr, out.data_ptr<float>());
+    return out.to(input.scalar_type());
+  }
+#endif
+  const Tensor wvp = pack_weight_v(weight_v.to(ct));
+  const Tensor whp = pack_weight_h(weight_h.to(ct), cl);
   AT_DISPATCH_FLOATING_TYPES(ct, "sep_conv_cpu", [&] {
     const scalar_t* bp = has_bias ? b.data_ptr<scalar_t>() : nullptr;
     auto kernel = cl ? &sep_conv_forward_kernel<scalar_t, true> : &sep_conv_forward_kernel<scalar_t, false>;

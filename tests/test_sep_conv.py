@@ -53,16 +53,35 @@ def _fits(height, split, dv):
 )
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_forward_matches_reference(split, dvdh, groups, memory_format):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 stride 1 runs the AVX2 kernels
+def test_forward_matches_reference(split, dvdh, groups, memory_format, dtype):
     stride, padding, dilation = split
     dv, dh = dvdh
-    x, wv, wh, b = _make(2, 12, 7, 13, 8, 20, dv, dh, groups, True)
+    x, wv, wh, b = _make(2, 12, 7, 13, 8, 20, dv, dh, groups, True, dtype)
     x = x.contiguous(memory_format=memory_format)
     out = lk.sep_conv(x, wv, wh, b, stride, padding, dilation, groups)
-    ref = sep_conv_reference(x, wv, wh, b, stride, padding, dilation, groups)
+    ref = _reference64(x, wv, wh, b, stride, padding, dilation, groups)
     assert out.shape == ref.shape
     assert out.is_contiguous(memory_format=memory_format)
-    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "shape",  # B, C, H, W, K, N, dv, dh, groups, padding, dilation
+    [
+        (1, 200, 9, 21, 100, 120, 3, 3, 1, (1, 1), (1, 1)),  # taps*channels > 256: reduction blocks
+        (2, 96, 6, 35, 132, 200, 3, 5, 2, (2, 1), (2, 1)),  # > 16 weight panels, groups, dilation
+        (1, 7, 30, 3, 5, 3, 1, 3, 1, (0, 1), (1, 1)),  # outputs narrower than a vector
+    ],
+)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_forward_float32_wide_channels(shape, memory_format):
+    B, C, H, W, K, N, dv, dh, groups, padding, dilation = shape
+    x, wv, wh, b = _make(B, C, H, W, K, N, dv, dh, groups, True, torch.float32)
+    x = x.contiguous(memory_format=memory_format)
+    args = ((1, 1), padding, dilation, groups)
+    out = lk.sep_conv(x, wv, wh, b, *args)
+    torch.testing.assert_close(out, _reference64(x, wv, wh, b, *args).float(), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

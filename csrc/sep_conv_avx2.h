@@ -1,0 +1,196 @@
+// AVX2/FMA float32 micro-kernel for sep_conv on CPU (used for stride 1; any padding,
+// dilation and groups).
+//
+// Both stages of sep_conv are convolutions along one axis, i.e. GEMMs whose reduction runs
+// over (tap, channel) and whose "im2col" operand is the pixel-major activation shifted by a
+// per-tap offset. The micro-kernel reads that operand in place through one pointer per
+// pixel -- no im2col and no BLAS-style packing of activations, all taps in one pass -- and
+// only the weights are packed (once per call, into zero-padded 16-wide panels):
+//
+//   C (6 pixels x 16 channels) += X (6 pixels x taps*channels, in place) * W (taps*channels x 16, packed)
+//
+// 6 x 16 keeps 12 ymm accumulators, two weight vectors and one broadcast in the 16 ymm
+// registers; each reduction step issues 12 FMAs against 2 loads and 6 broadcasts, which the
+// two load ports sustain. The callers block the reduction so a weight panel (16 KiB) stays
+// in L1 while the activation rows stream through.
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define LOWRANK_SEP_CONV_AVX2 1
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace lowrank {
+namespace avx2 {
+namespace {  // internal linkage: direct calls, no PLT
+
+constexpr int kMR = 6;   // rows of a micro-tile (pixels, the broadcast operand)
+constexpr int kNR = 16;  // columns of a micro-tile (channels, two ymm vectors)
+
+// GCC otherwise folds the weight load into each of the 6 FMAs that use it (12 loads per
+// step instead of 2), which makes the loop load-bound.
+inline void keep_in_register(__m256& v) { asm("" : "+x"(v)); }
+
+// Lanes [0, n) active, n in [0, 8].
+inline __m256i lane_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Writes acc to the rows c[m], columns [0, ncols) (masked if MASKED); adds the old value if
+// `accumulate`, else the per-column bias (may be null).
+template <int MR, int NV, bool MASKED>
+inline void store_tile(__m256 (&acc)[MR][NV], float* const* c, int64_t ncols, bool accumulate, const float* bias) {
+  __m256i mask[NV];
+  _Pragma("GCC unroll 8")
+  for (int v = 0; v < NV; ++v) mask[v] = lane_mask(ncols - 8 * v);
+  _Pragma("GCC unroll 8")
+  for (int m = 0; m < MR; ++m) {
+    _Pragma("GCC unroll 8")
+    for (int v = 0; v < NV; ++v) {
+      float* p = c[m] + 8 * v;
+      __m256 r = acc[m][v];
+      if (accumulate) {
+        r = _mm256_add_ps(r, MASKED ? _mm256_maskload_ps(p, mask[v]) : _mm256_loadu_ps(p));
+      } else if (bias) {
+        r = _mm256_add_ps(r, MASKED ? _mm256_maskload_ps(bias + 8 * v, mask[v]) : _mm256_loadu_ps(bias + 8 * v));
+      }
+      if (MASKED) {
+        _mm256_maskstore_ps(p, mask[v], r);
+      } else {
+        _mm256_storeu_ps(p, r);
+      }
+    }
+  }
+}
+
+// acc[m][col] = sum_t sum_k a[m][a_tap[t] + k] * b[t*b_tap + k*kNR + col] for m < MR pixel rows
+// a[m] and col < 8*NV of the kNR-wide packed panel b; stores columns [0, ncols).
+// noinline: inlined into the tile loops, GCC runs out of ymm registers and spills
+// accumulators, turning the FMA chain into a store-forwarding chain (3x slower).
+template <int MR, int NV>
+__attribute__((noinline)) void kernel(int taps, const int64_t* a_tap, int64_t kc, const float* const* a,
+                                      const float* b, int64_t b_tap, int64_t ncols, float* const* c, bool accumulate,
+                                      const float* bias) {
+  __m256 acc[MR][NV];
+  _Pragma("GCC unroll 8")
+  for (int m = 0; m < MR; ++m)
+    _Pragma("GCC unroll 8")
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  for (int t = 0; t < taps; ++t) {
+    const float* ar[MR];
+    _Pragma("GCC unroll 8")
+    for (int m = 0; m < MR; ++m) ar[m] = a[m] + a_tap[t];
+    const float* bp = b + t * b_tap;
+    for (int64_t k = 0; k < kc; ++k, bp += kNR) {
+      __m256 bv[NV];
+      _Pragma("GCC unroll 8")
+      for (int v = 0; v < NV; ++v) {
+        bv[v] = _mm256_loadu_ps(bp + 8 * v);
+        keep_in_register(bv[v]);
+      }
+      _Pragma("GCC unroll 8")
+      for (int m = 0; m < MR; ++m) {
+        const __m256 av = _mm256_broadcast_ss(ar[m] + k);
+        _Pragma("GCC unroll 8")
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(av, bv[v], acc[m][v]);
+      }
+    }
+  }
+  if (ncols >= 8 * NV) {
+    store_tile<MR, NV, false>(acc, c, ncols, accumulate, bias);
+  } else {
+    store_tile<MR, NV, true>(acc, c, ncols, accumulate, bias);
+  }
+}
+
+template <int NV>
+void kernel_rows(int rows, int taps, const int64_t* a_tap, int64_t kc, const float* const* a, const float* b,
+                 int64_t b_tap, int64_t ncols, float* const* c, bool accumulate, const float* bias) {
+  switch (rows) {
+    case 6: return kernel<6, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    case 5: return kernel<5, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    case 4: return kernel<4, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    case 3: return kernel<3, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    case 2: return kernel<2, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    default: return kernel<1, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+  }
+}
+
+// One micro-tile of `rows` <= kMR pixels and `ncols` <= kNR channels: picks the
+// instantiation (a tail of <= 8 channels needs only one vector per row).
+inline void kernel_tile(int rows, int64_t ncols, int taps, const int64_t* a_tap, int64_t kc, const float* const* a,
+                        const float* b, int64_t b_tap, float* const* c, bool accumulate, const float* bias) {
+  if (ncols > 8) {
+    kernel_rows<2>(rows, taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+  } else {
+    kernel_rows<1>(rows, taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+  }
+}
+
+// Floats per group of pack_panels' output.
+inline int64_t packed_panels_size(int64_t rows, int64_t red, int64_t taps) {
+  return (rows + kNR - 1) / kNR * kNR * red * taps;
+}
+
+// Packs a per-group weight w[((g*rows + r) * red + k) * taps + t] (weight_v (K, Cg, dv, 1) or
+// weight_h (N, Kg, 1, dh)) into panels of kNR rows: out[g][panel][t][k][kNR], zero past `rows`.
+inline void pack_panels(const float* w, int64_t groups, int64_t rows, int64_t red, int64_t taps, float* out) {
+  const int64_t per_group = packed_panels_size(rows, red, taps);
+  const int64_t panels = (rows + kNR - 1) / kNR;
+  at::parallel_for(0, groups * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gp = begin; gp < end; ++gp) {
+      const int64_t g = gp / panels, p = gp % panels;
+      float* o = out + g * per_group + p * taps * red * kNR;
+      const int64_t n = std::min<int64_t>(kNR, rows - p * kNR);
+      const float* src = w + (g * rows + p * kNR) * red * taps;
+      // Writes are contiguous; the reads are n streams, one per weight row.
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t k = 0; k < red; ++k, o += kNR) {
+          for (int64_t i = 0; i < n; ++i) o[i] = src[(i * red + k) * taps + t];
+          for (int64_t i = n; i < kNR; ++i) o[i] = 0.f;
+        }
+    }
+  });
+}
+
+// One 8 x 8 block: dst[j * ld_dst + i] = src[i * ld_src + j].
+inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols.
+inline void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 8)
+    for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+      if (i0 + 8 <= rows && j0 + 8 <= cols) {
+        transpose_8x8(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst);
+        continue;
+      }
+      for (int64_t j = j0; j < std::min(cols, j0 + 8); ++j)
+        for (int64_t i = i0; i < std::min(rows, i0 + 8); ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
+}
+
+}  // namespace
+}  // namespace avx2
+}  // namespace lowrank
+#endif
