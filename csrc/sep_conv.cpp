@@ -454,108 +454,295 @@ void sep_conv_backward_kernel(const SepConvShape& s, const T* gy, const T* x, co
 // and store against 2*Kg*dv FLOPs. wv and wh are the contiguous float weights.
 constexpr int64_t kReductionBlock = 256;  // taps * channels per pass: the packed weight panel (16 KiB) stays in L1
 
+// C (n_pix pixel rows, pointers c_of(p)) = sum over taps and `red` channels of
+// A (pixel rows a_of(p), tap offsets a_tap) times the packed panels of `packed` (n_out
+// columns); `bias` (may be null) is added on the first reduction block.
+template <typename APtr, typename CPtr>
+void pixel_gemm(int64_t n_pix, int64_t n_out, const float* packed, int64_t red, int taps, const int64_t* a_tap,
+                APtr&& a_of, CPtr&& c_of, const float* bias) {
+  namespace k = avx2;
+  const int64_t rblk = std::max<int64_t>(1, kReductionBlock / taps);
+  float* crow[k::kMR];
+  const float* arow[k::kMR];
+  for (int64_t r0 = 0; r0 < red; r0 += rblk) {
+    const int64_t rl = std::min(rblk, red - r0);
+    for (int64_t np = 0; np * k::kNR < n_out; ++np) {
+      const int64_t nc = std::min<int64_t>(k::kNR, n_out - np * k::kNR);
+      const float* b = packed + (np * taps * red + r0) * k::kNR;
+      const float* bias_p = (r0 == 0 && bias) ? bias + np * k::kNR : nullptr;
+      for (int64_t p0 = 0; p0 < n_pix; p0 += k::kMR) {
+        const int rm = static_cast<int>(std::min<int64_t>(k::kMR, n_pix - p0));
+        for (int m = 0; m < rm; ++m) {
+          arow[m] = a_of(p0 + m) + r0;
+          crow[m] = c_of(p0 + m) + np * k::kNR;
+        }
+        k::kernel_tile(rm, nc, {taps, a_tap, rl, arow, 1, b, red * k::kNR, k::kNR, crow, r0 > 0, bias_p});
+      }
+    }
+  }
+}
+
+// Pixel-major view of a block of rows: pixel p at p + p * ld, channels contiguous.
+struct PixelRows {
+  const float* p;
+  int64_t ld;
+};
+
+// Input rows [top, top + nin) of image xb, group g, as (nin*W pixels x Cg): in place for
+// channels_last rows inside the image, otherwise copied into xbuf (NCHW transposed), with
+// zero rows outside [0, H).
+template <bool CL>
+PixelRows input_rows(const SepConvShape& s, const float* xb, int64_t g, int64_t top, int64_t nin, float* xbuf) {
+  const int64_t H = s.height, W = s.width;
+  const float* xg = xb + (CL ? g * s.cg : g * s.cg * H * W);
+  if (CL && top >= 0 && top + nin <= H) return {xg + top * W * s.in_channels, s.in_channels};
+  for (int64_t rr = 0; rr < nin; ++rr) {
+    const int64_t h = top + rr;
+    float* d = xbuf + rr * W * s.cg;
+    if (h < 0 || h >= H) {
+      std::fill_n(d, W * s.cg, 0.f);
+    } else if (CL) {
+      for (int64_t w = 0; w < W; ++w) std::copy_n(xg + (h * W + w) * s.in_channels, s.cg, d + w * s.cg);
+    } else {
+      avx2::transpose(xg + h * W, H * W, s.cg, W, d, s.cg);  // (Cg x W) plane rows -> (W x Cg)
+    }
+  }
+  return {xbuf, s.cg};
+}
+
+// Stage 1 for `rows` output rows: tpad (rows x Wp pixels x Kg) = sum_i X_i * Wv_i^T, where X
+// holds the input rows from the first one tap 0 reads, and the pad_h pixels either side of
+// every row are zero (the horizontal padding of stage 2).
+void vertical_stage_avx2(const SepConvShape& s, PixelRows x, const float* wv_packed, int64_t rows, float* tpad) {
+  const int64_t W = s.width, Wp = W + 2 * s.pad_h;
+  std::vector<int64_t> tap(s.dv);
+  for (int64_t i = 0; i < s.dv; ++i) tap[i] = i * s.dil_v * W * x.ld;
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    std::fill_n(tpad + rr * Wp * s.kg, s.pad_h * s.kg, 0.f);
+    std::fill_n(tpad + (rr * Wp + s.pad_h + W) * s.kg, s.pad_h * s.kg, 0.f);
+  }
+  pixel_gemm(
+      rows * W, s.kg, wv_packed, s.cg, static_cast<int>(s.dv), tap.data(), [&](int64_t p) { return x.p + p * x.ld; },
+      [&](int64_t p) { return tpad + ((p / W) * Wp + s.pad_h + p % W) * s.kg; }, nullptr);
+}
+
+// The weights packed for the kernels, per group: wv/wh as the forward reads them (panels
+// over Kg / Ng) or transposed for the data gradients (panels over Cg / Kg).
+std::unique_ptr<float[]> pack_weight_v_avx2(const SepConvShape& s, const float* wv, bool transposed) {
+  const int64_t rows = transposed ? s.cg : s.kg, red = transposed ? s.kg : s.cg;
+  std::unique_ptr<float[]> out(new float[s.groups * avx2::packed_panels_size(rows, red, s.dv)]);
+  const int64_t group = s.kg * s.cg * s.dv;  // weight_v is (K, Cg, dv, 1)
+  const avx2::WeightStrides st = transposed ? avx2::WeightStrides{group, s.dv, s.cg * s.dv, 1}
+                                            : avx2::WeightStrides{group, s.cg * s.dv, s.dv, 1};
+  avx2::pack_panels(wv, st, s.groups, rows, red, s.dv, out.get());
+  return out;
+}
+std::unique_ptr<float[]> pack_weight_h_avx2(const SepConvShape& s, const float* wh, bool transposed) {
+  const int64_t rows = transposed ? s.kg : s.ng, red = transposed ? s.ng : s.kg;
+  std::unique_ptr<float[]> out(new float[s.groups * avx2::packed_panels_size(rows, red, s.dh)]);
+  const int64_t group = s.ng * s.kg * s.dh;  // weight_h is (N, Kg, 1, dh)
+  const avx2::WeightStrides st = transposed ? avx2::WeightStrides{group, s.dh, s.kg * s.dh, 1}
+                                            : avx2::WeightStrides{group, s.kg * s.dh, s.dh, 1};
+  avx2::pack_panels(wh, st, s.groups, rows, red, s.dh, out.get());
+  return out;
+}
+
 template <bool CL>
 void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* wv, const float* wh, const float* bias,
                            float* y) {
-  namespace k = avx2;
-  const int64_t wv_group = k::packed_panels_size(s.kg, s.cg, s.dv);
-  const int64_t wh_group = k::packed_panels_size(s.ng, s.kg, s.dh);
-  const std::unique_ptr<float[]> wvp(new float[s.groups * wv_group]), whp(new float[s.groups * wh_group]);
-  k::pack_panels(wv, s.groups, s.kg, s.cg, s.dv, wvp.get());
-  k::pack_panels(wh, s.groups, s.ng, s.kg, s.dh, whp.get());
-
+  const auto wvp = pack_weight_v_avx2(s, wv, false), whp = pack_weight_h_avx2(s, wh, false);
+  const int64_t wv_group = avx2::packed_panels_size(s.kg, s.cg, s.dv);
+  const int64_t wh_group = avx2::packed_panels_size(s.ng, s.kg, s.dh);
   const int64_t H = s.height, W = s.width, Wp = W + 2 * s.pad_h, Ho = s.out_height, Wo = s.out_width;
   const int64_t halo = s.dil_v * (s.dv - 1);
   const int64_t row_elems = s.cg * W + s.kg * Wp + (CL ? 0 : s.ng * Wo);
   const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1);
   const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
   const int64_t in_image = s.in_channels * H * W, out_image = s.out_channels * Ho * Wo;
-  const int64_t cblk = std::max<int64_t>(1, kReductionBlock / s.dv), kblk = std::max<int64_t>(1, kReductionBlock / s.dh);
+  std::vector<int64_t> tap_h(s.dh);
+  for (int64_t j = 0; j < s.dh; ++j) tap_h[j] = j * s.dil_h * s.kg;
 
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_rows = tiling.max_rows;
     const std::unique_ptr<float[]> xbuf(new float[(max_rows + halo) * W * s.cg]);
     const std::unique_ptr<float[]> tpad(new float[max_rows * Wp * s.kg]);
     const std::unique_ptr<float[]> ybuf(new float[CL ? 0 : max_rows * Wo * s.ng]);
-    std::vector<int64_t> tap_v(s.dv), tap_h(s.dh);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / (s.groups * tiling.per_image);
+      const int64_t g = (tile / tiling.per_image) % s.groups;
+      const int64_t tt = tile % tiling.per_image;
+      const int64_t r0 = tiling.begin(tt, Ho), rows = tiling.begin(tt + 1, Ho) - r0;
+      const PixelRows xr = input_rows<CL>(s, x + b * in_image, g, r0 - s.pad_v, rows + halo, xbuf.get());
+      vertical_stage_avx2(s, xr, wvp.get() + g * wv_group, rows, tpad.get());
+      // Stage 2: output pixels (taken across row ends) = sum_j T_j * Wh_j^T, plus bias.
+      float* yb = y + b * out_image;
+      pixel_gemm(
+          rows * Wo, s.ng, whp.get() + g * wh_group, s.kg, static_cast<int>(s.dh), tap_h.data(),
+          [&](int64_t q) { return tpad.get() + ((q / Wo) * Wp + q % Wo) * s.kg; },
+          [&](int64_t q) {
+            return CL ? yb + ((r0 + q / Wo) * Wo + q % Wo) * s.out_channels + g * s.ng : ybuf.get() + q * s.ng;
+          },
+          bias ? bias + g * s.ng : nullptr);
+      if (!CL) avx2::transpose(ybuf.get(), s.ng, rows * Wo, s.ng, yb + (g * s.ng * Ho + r0) * Wo, Ho * Wo);
+    }
+  });
+}
+
+// Fused float32 backward for stride 1. Tiles own blocks of output rows [r0, r1). Per tile:
+//   * t is recomputed for the owned rows (stage 1) when grad_weight_h is needed;
+//   * go rows go to gopad, pixel-major with span_h - 1 - ph zero columns on the left so
+//     that dt = sum_j Go_(dh-1-j) * Wh_j (the transposed horizontal conv) reads it in place;
+//   * grad_weight_h += go^T t_j and grad_weight_v += dt^T x_i over the owned rows, both
+//     reductions over pixels on the same micro-kernel (per-thread accumulators);
+//   * grad_input is written, not accumulated: the tile owns input rows [r0 - pv, r1 - pv)
+//     (the first and last tiles extend to 0 and H), and computes the dt rows those need,
+//     recomputing the vertical halo that the neighbouring tile also computes.
+template <bool CL>
+void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float* x, const float* wv, const float* wh,
+                            float* gx, float* gwv, float* gwh) {
+  namespace k = avx2;
+  const int64_t H = s.height, W = s.width, Wp = W + 2 * s.pad_h, Ho = s.out_height, Wo = s.out_width;
+  const int64_t halo = s.dil_v * (s.dv - 1), span_h = s.dil_h * (s.dh - 1) + 1;
+  const int64_t Wg = W + span_h - 1, padg = span_h - 1 - s.pad_h;  // gopad width, go's first column in it
+  const bool need_dt = gx || gwv;
+  std::unique_ptr<float[]> wvp, whT, wvT;
+  if (gwh) wvp = pack_weight_v_avx2(s, wv, false);
+  if (need_dt) whT = pack_weight_h_avx2(s, wh, true);
+  if (gx) wvT = pack_weight_v_avx2(s, wv, true);
+  const int64_t wvp_group = k::packed_panels_size(s.kg, s.cg, s.dv);
+  const int64_t whT_group = k::packed_panels_size(s.kg, s.ng, s.dh);
+  const int64_t wvT_group = k::packed_panels_size(s.cg, s.kg, s.dv);
+
+  const int64_t row_elems = s.cg * W * 2 + s.kg * Wp + s.ng * Wg + s.kg * W;
+  const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1);
+  const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
+  const int64_t in_image = s.in_channels * H * W, out_image = s.out_channels * Ho * Wo;
+  const int64_t wv_numel = s.rank * s.cg * s.dv, wh_numel = s.out_channels * s.kg * s.dh;
+  // Weight gradients accumulate per thread in tap-major order ([g][i][k][c], [g][j][n][k]).
+  const int64_t n_threads = at::get_num_threads();
+  std::vector<float> acc_wv(gwv ? n_threads * wv_numel : 0, 0.f), acc_wh(gwh ? n_threads * wh_numel : 0, 0.f);
+  std::vector<int64_t> tap_dt(s.dh), tap_gx(s.dv);
+  for (int64_t j = 0; j < s.dh; ++j) tap_dt[j] = (s.dh - 1 - j) * s.dil_h * s.ng;
+  for (int64_t i = 0; i < s.dv; ++i) tap_gx[i] = -i * s.dil_v * W * s.kg;
+  const int64_t w_lo = std::max<int64_t>(0, -padg), w_hi = std::min(Wo, Wg - padg);  // go columns kept in gopad
+
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf;
+    std::vector<int64_t> row_tap;
+    float* my_wv = gwv ? acc_wv.data() + at::get_thread_num() * wv_numel : nullptr;
+    float* my_wh = gwh ? acc_wh.data() + at::get_thread_num() * wh_numel : nullptr;
     float* crow[k::kMR];
     const float* arow[k::kMR];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / (s.groups * tiling.per_image);
       const int64_t g = (tile / tiling.per_image) % s.groups;
       const int64_t tt = tile % tiling.per_image;
-      const int64_t r0 = tiling.begin(tt, Ho), r1 = tiling.begin(tt + 1, Ho);
-      const int64_t rows = r1 - r0, P = rows * W, Q = rows * Wo, nin = rows + halo, top = r0 - s.pad_v;
-      const float* wvg = wvp.get() + g * wv_group;
-      const float* whg = whp.get() + g * wh_group;
+      const int64_t r0 = tiling.begin(tt, Ho), r1 = tiling.begin(tt + 1, Ho), rows = r1 - r0;
+      // Input rows owned for grad_input, and the dt rows [e0, e1) this tile needs.
+      const int64_t h0 = tt == 0 ? 0 : std::clamp<int64_t>(r0 - s.pad_v, 0, H);
+      const int64_t h1 = tt == tiling.per_image - 1 ? H : std::clamp<int64_t>(r1 - s.pad_v, 0, H);
+      const int64_t e0 = gx ? std::min(r0, h0 + s.pad_v - halo) : r0;
+      const int64_t e1 = gx ? std::max(r1, h1 + s.pad_v) : r1;
+      const float* gob = gy + b * out_image;
 
-      // Stage 1 operand: nin input rows as (nin*W pixels x Cg), pixel stride ld.
-      const float* xg = x + b * in_image + (CL ? g * s.cg : g * s.cg * H * W);
-      const float* src = xbuf.get();
-      int64_t ld = s.cg;
-      if (CL && top >= 0 && top + nin <= H) {
-        src = xg + top * W * s.in_channels;
-        ld = s.in_channels;
-      } else {
-        for (int64_t rr = 0; rr < nin; ++rr) {
-          const int64_t h = top + rr;
-          float* d = xbuf.get() + rr * W * s.cg;
-          if (h < 0 || h >= H) {
-            std::fill_n(d, W * s.cg, 0.f);
-          } else if (CL) {
-            for (int64_t w = 0; w < W; ++w) std::copy_n(xg + (h * W + w) * s.in_channels, s.cg, d + w * s.cg);
-          } else {
-            k::transpose(xg + h * W, H * W, s.cg, W, d, s.cg);  // (Cg x W) plane rows -> (W x Cg)
-          }
+      PixelRows xr{nullptr, 0};
+      if (gwh || gwv) {
+        xbuf.resize((rows + halo) * W * s.cg);
+        xr = input_rows<CL>(s, x + b * in_image, g, r0 - s.pad_v, rows + halo, xbuf.data());
+      }
+      // gopad rows e0..e1 (zero outside [0, Ho)).
+      gopad.assign((e1 - e0) * Wg * s.ng, 0.f);
+      for (int64_t r = std::max<int64_t>(e0, 0); r < std::min(e1, Ho); ++r) {
+        float* d = gopad.data() + ((r - e0) * Wg + w_lo + padg) * s.ng;
+        if (CL) {
+          for (int64_t w = w_lo; w < w_hi; ++w)
+            std::copy_n(gob + (r * Wo + w) * s.out_channels + g * s.ng, s.ng, d + (w - w_lo) * s.ng);
+        } else {
+          k::transpose(gob + (g * s.ng * Ho + r) * Wo + w_lo, Ho * Wo, s.ng, w_hi - w_lo, d, s.ng);
         }
       }
-      for (int64_t i = 0; i < s.dv; ++i) tap_v[i] = i * s.dil_v * W * ld;
-      for (int64_t j = 0; j < s.dh; ++j) tap_h[j] = j * s.dil_h * s.kg;
-
-      // Stage 1: tpad interior pixels (P x Kg) = sum_i X_i (P x Cg) * Wv_i^T (Cg x Kg).
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        std::fill_n(tpad.get() + rr * Wp * s.kg, s.pad_h * s.kg, 0.f);
-        std::fill_n(tpad.get() + (rr * Wp + s.pad_h + W) * s.kg, s.pad_h * s.kg, 0.f);
-      }
-      for (int64_t c0 = 0; c0 < s.cg; c0 += cblk) {
-        const int64_t cl = std::min(cblk, s.cg - c0);
-        for (int64_t np = 0; np * k::kNR < s.kg; ++np) {
-          const int64_t nc = std::min<int64_t>(k::kNR, s.kg - np * k::kNR);
-          const float* bp = wvg + np * s.dv * s.cg * k::kNR + c0 * k::kNR;
-          for (int64_t p0 = 0; p0 < P; p0 += k::kMR) {
-            const int rm = static_cast<int>(std::min<int64_t>(k::kMR, P - p0));
+      if (gwh) {
+        // grad_weight_h[j] (Ng x Kg) += sum over owned pixels go (pixel, n) t (pixel + j*lh, k).
+        tpad.resize(rows * Wp * s.kg);
+        vertical_stage_avx2(s, xr, wvp.get() + g * wvp_group, rows, tpad.data());
+        row_tap.resize(rows);
+        for (int64_t rr = 0; rr < rows; ++rr) row_tap[rr] = ((r0 + rr - e0) * Wg + w_lo + padg) * s.ng;
+        for (int64_t j = 0; j < s.dh; ++j)
+          for (int64_t n0 = 0; n0 < s.ng; n0 += k::kMR) {
+            const int rm = static_cast<int>(std::min<int64_t>(k::kMR, s.ng - n0));
             for (int m = 0; m < rm; ++m) {
-              const int64_t p = p0 + m;
-              arow[m] = src + p * ld + c0;
-              crow[m] = tpad.get() + ((p / W) * Wp + s.pad_h + p % W) * s.kg + np * k::kNR;
+              arow[m] = gopad.data() + n0 + m;
+              crow[m] = my_wh + ((g * s.dh + j) * s.ng + n0 + m) * s.kg;
             }
-            k::kernel_tile(rm, nc, s.dv, tap_v.data(), cl, arow, bp, s.cg * k::kNR, crow, c0 > 0, nullptr);
-          }
-        }
-      }
-
-      // Stage 2: output pixels (Q x Ng) = sum_j T_j (Q x Kg) * Wh_j^T (Kg x Ng), bias on the
-      // first pass; micro-tile rows are output pixels taken across row ends.
-      float* yb = y + b * out_image;
-      for (int64_t k0 = 0; k0 < s.kg; k0 += kblk) {
-        const int64_t kl = std::min(kblk, s.kg - k0);
-        for (int64_t np = 0; np * k::kNR < s.ng; ++np) {
-          const int64_t nc = std::min<int64_t>(k::kNR, s.ng - np * k::kNR);
-          const float* bp = whg + np * s.dh * s.kg * k::kNR + k0 * k::kNR;
-          const float* bias_p = (k0 == 0 && bias) ? bias + g * s.ng + np * k::kNR : nullptr;
-          for (int64_t q0 = 0; q0 < Q; q0 += k::kMR) {
-            const int rm = static_cast<int>(std::min<int64_t>(k::kMR, Q - q0));
-            for (int m = 0; m < rm; ++m) {
-              const int64_t rr = (q0 + m) / Wo, w = (q0 + m) % Wo;
-              arow[m] = tpad.get() + (rr * Wp + w) * s.kg + k0;
-              crow[m] = CL ? yb + ((r0 + rr) * Wo + w) * s.out_channels + g * s.ng + np * k::kNR
-                           : ybuf.get() + (q0 + m) * s.ng + np * k::kNR;
+            for (int64_t k0 = 0; k0 < s.kg; k0 += k::kNR) {
+              float* c[k::kMR];
+              for (int m = 0; m < rm; ++m) c[m] = crow[m] + k0;
+              const float* bp = tpad.data() + (w_lo + j * s.dil_h) * s.kg + k0;
+              k::kernel_tile(rm, std::min<int64_t>(k::kNR, s.kg - k0),
+                             {static_cast<int>(rows), row_tap.data(), w_hi - w_lo, arow, s.ng, bp, Wp * s.kg, s.kg, c,
+                              true, nullptr});
             }
-            k::kernel_tile(rm, nc, s.dh, tap_h.data(), kl, arow, bp, s.kg * k::kNR, crow, k0 > 0, bias_p);
           }
-        }
       }
-      if (!CL) k::transpose(ybuf.get(), s.ng, Q, s.ng, yb + (g * s.ng * Ho + r0) * Wo, Ho * Wo);  // (Q x Ng) -> (Ng x Q)
+      if (!need_dt) continue;
+      // dt rows e0..e1 (pixel-major, Kg channels) = sum_j Go shifted * Wh_j.
+      dtbuf.resize((e1 - e0) * W * s.kg);
+      pixel_gemm(
+          (e1 - e0) * W, s.kg, whT.get() + g * whT_group, s.ng, static_cast<int>(s.dh), tap_dt.data(),
+          [&](int64_t p) { return gopad.data() + ((p / W) * Wg + p % W) * s.ng; },
+          [&](int64_t p) { return dtbuf.data() + p * s.kg; }, nullptr);
+      if (gwv) {
+        // grad_weight_v[i] (Kg x Cg) += sum over owned pixels dt (pixel, k) x (pixel + i*lv*W, c).
+        const int64_t zero = 0;
+        for (int64_t i = 0; i < s.dv; ++i)
+          for (int64_t k0 = 0; k0 < s.kg; k0 += k::kMR) {
+            const int rm = static_cast<int>(std::min<int64_t>(k::kMR, s.kg - k0));
+            for (int m = 0; m < rm; ++m) arow[m] = dtbuf.data() + (r0 - e0) * W * s.kg + k0 + m;
+            for (int64_t c0 = 0; c0 < s.cg; c0 += k::kNR) {
+              for (int m = 0; m < rm; ++m) crow[m] = my_wv + ((g * s.dv + i) * s.kg + k0 + m) * s.cg + c0;
+              const float* bp = xr.p + i * s.dil_v * W * xr.ld + c0;
+              k::kernel_tile(rm, std::min<int64_t>(k::kNR, s.cg - c0),
+                             {1, &zero, rows * W, arow, s.kg, bp, 0, xr.ld, crow, true, nullptr});
+            }
+          }
+      }
+      if (gx && h1 > h0) {
+        // grad_input rows h0..h1 = sum_i dt (row h + pv - i*lv) * Wv_i.
+        const int64_t Pg = (h1 - h0) * W;
+        float* gxb = gx + b * in_image;
+        if (!CL) gxbuf.resize(Pg * s.cg);
+        pixel_gemm(
+            Pg, s.cg, wvT.get() + g * wvT_group, s.kg, static_cast<int>(s.dv), tap_gx.data(),
+            [&](int64_t p) { return dtbuf.data() + ((h0 + s.pad_v - e0) * W + p) * s.kg; },
+            [&](int64_t p) {
+              return CL ? gxb + (h0 * W + p) * s.in_channels + g * s.cg : gxbuf.data() + p * s.cg;
+            },
+            nullptr);
+        if (!CL) k::transpose(gxbuf.data(), s.cg, Pg, s.cg, gxb + (g * s.cg * H + h0) * W, H * W);
+      }
+    }
+  });
+  // Sum the per-thread weight gradients into the (K, Cg, dv) and (N, Kg, dh) layouts.
+  at::parallel_for(0, s.groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      if (gwv)
+        for (int64_t i = 0; i < s.dv; ++i)
+          for (int64_t kk = 0; kk < s.kg; ++kk)
+            for (int64_t c = 0; c < s.cg; ++c) {
+              float sum = 0.f;
+              for (int64_t th = 0; th < n_threads; ++th)
+                sum += acc_wv[th * wv_numel + ((g * s.dv + i) * s.kg + kk) * s.cg + c];
+              gwv[((g * s.kg + kk) * s.cg + c) * s.dv + i] = sum;
+            }
+      if (gwh)
+        for (int64_t j = 0; j < s.dh; ++j)
+          for (int64_t n = 0; n < s.ng; ++n)
+            for (int64_t kk = 0; kk < s.kg; ++kk) {
+              float sum = 0.f;
+              for (int64_t th = 0; th < n_threads; ++th)
+                sum += acc_wh[th * wh_numel + ((g * s.dh + j) * s.ng + n) * s.kg + kk];
+              gwh[((g * s.ng + n) * s.kg + kk) * s.dh + j] = sum;
+            }
     }
   });
 }
@@ -631,6 +818,20 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
                                   : at::empty({0}, weight_v.options());
   Tensor grad_wh = output_mask[2] ? at::zeros(weight_h.sizes(), weight_h.options().dtype(ct))
                                   : at::empty({0}, weight_h.options());
+#ifdef LOWRANK_SEP_CONV_AVX2
+  if (ct == at::kFloat && s.stride_v == 1 && s.stride_h == 1 && s.batch > 0 && s.out_channels > 0 &&
+      (output_mask[0] || output_mask[1] || output_mask[2])) {
+    const Tensor x = input.to(ct).contiguous(memory_format);
+    const Tensor gy = grad_out.to(ct).contiguous(memory_format);
+    const Tensor wv = weight_v.to(ct).contiguous(), wh = weight_h.to(ct).contiguous();
+    auto kernel = cl ? &sep_conv_backward_avx2<true> : &sep_conv_backward_avx2<false>;
+    kernel(s, gy.data_ptr<float>(), x.data_ptr<float>(), wv.data_ptr<float>(), wh.data_ptr<float>(),
+           output_mask[0] ? grad_input.data_ptr<float>() : nullptr,
+           output_mask[1] ? grad_wv.data_ptr<float>() : nullptr, output_mask[2] ? grad_wh.data_ptr<float>() : nullptr);
+    const auto dt = input.scalar_type();
+    return {grad_input.to(dt), grad_wv.to(dt), grad_wh.to(dt)};
+  }
+#endif
   if (s.batch > 0 && s.out_channels > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
     const Tensor x = input.to(ct).contiguous(memory_format);
     const Tensor gy = grad_out.to(ct).contiguous(memory_format);

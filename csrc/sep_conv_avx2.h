@@ -67,14 +67,17 @@ inline void store_tile(__m256 (&acc)[MR][NV], float* const* c, int64_t ncols, bo
   }
 }
 
-// acc[m][col] = sum_t sum_k a[m][a_tap[t] + k] * b[t*b_tap + k*kNR + col] for m < MR pixel rows
-// a[m] and col < 8*NV of the kNR-wide packed panel b; stores columns [0, ncols).
+// acc[m][col] = sum_t sum_k a[m][a_tap[t] + k*a_step] * b[t*b_tap + k*b_step + col] for m < MR rows
+// a[m] and col < 8*NV; stores columns [0, ncols). The forward and the data gradients run it
+// with a = pixel rows (a_step 1) and b = a kNR-wide packed weight panel (b_step kNR); the
+// weight gradients with a = channel rows of one pixel-major operand (a_step = its pixel
+// stride) and b = 16 channels of another (b_step = its pixel stride).
 // noinline: inlined into the tile loops, GCC runs out of ymm registers and spills
 // accumulators, turning the FMA chain into a store-forwarding chain (3x slower).
 template <int MR, int NV>
 __attribute__((noinline)) void kernel(int taps, const int64_t* a_tap, int64_t kc, const float* const* a,
-                                      const float* b, int64_t b_tap, int64_t ncols, float* const* c, bool accumulate,
-                                      const float* bias) {
+                                      int64_t a_step, const float* b, int64_t b_tap, int64_t b_step, int64_t ncols,
+                                      float* const* c, bool accumulate, const float* bias) {
   __m256 acc[MR][NV];
   _Pragma("GCC unroll 8")
   for (int m = 0; m < MR; ++m)
@@ -85,7 +88,7 @@ __attribute__((noinline)) void kernel(int taps, const int64_t* a_tap, int64_t kc
     _Pragma("GCC unroll 8")
     for (int m = 0; m < MR; ++m) ar[m] = a[m] + a_tap[t];
     const float* bp = b + t * b_tap;
-    for (int64_t k = 0; k < kc; ++k, bp += kNR) {
+    for (int64_t k = 0, ak = 0; k < kc; ++k, ak += a_step, bp += b_step) {
       __m256 bv[NV];
       _Pragma("GCC unroll 8")
       for (int v = 0; v < NV; ++v) {
@@ -94,7 +97,7 @@ __attribute__((noinline)) void kernel(int taps, const int64_t* a_tap, int64_t kc
       }
       _Pragma("GCC unroll 8")
       for (int m = 0; m < MR; ++m) {
-        const __m256 av = _mm256_broadcast_ss(ar[m] + k);
+        const __m256 av = _mm256_broadcast_ss(ar[m] + ak);
         _Pragma("GCC unroll 8")
         for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(av, bv[v], acc[m][v]);
       }
@@ -107,27 +110,45 @@ __attribute__((noinline)) void kernel(int taps, const int64_t* a_tap, int64_t kc
   }
 }
 
+// Operands of one kernel call (see kernel).
+struct KernelArgs {
+  int taps;
+  const int64_t* a_tap;
+  int64_t kc;
+  const float* const* a;
+  int64_t a_step;
+  const float* b;
+  int64_t b_tap, b_step;
+  float* const* c;
+  bool accumulate;
+  const float* bias;
+};
+
 template <int NV>
-void kernel_rows(int rows, int taps, const int64_t* a_tap, int64_t kc, const float* const* a, const float* b,
-                 int64_t b_tap, int64_t ncols, float* const* c, bool accumulate, const float* bias) {
+void kernel_rows(int rows, int64_t ncols, const KernelArgs& k) {
+#define LOWRANK_KERNEL_CASE(MR)                                                                             \
+  case MR:                                                                                                  \
+    return kernel<MR, NV>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, \
+                          k.bias)
   switch (rows) {
-    case 6: return kernel<6, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
-    case 5: return kernel<5, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
-    case 4: return kernel<4, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
-    case 3: return kernel<3, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
-    case 2: return kernel<2, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
-    default: return kernel<1, NV>(taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    LOWRANK_KERNEL_CASE(6);
+    LOWRANK_KERNEL_CASE(5);
+    LOWRANK_KERNEL_CASE(4);
+    LOWRANK_KERNEL_CASE(3);
+    LOWRANK_KERNEL_CASE(2);
+    default:
+      LOWRANK_KERNEL_CASE(1);
   }
+#undef LOWRANK_KERNEL_CASE
 }
 
-// One micro-tile of `rows` <= kMR pixels and `ncols` <= kNR channels: picks the
-// instantiation (a tail of <= 8 channels needs only one vector per row).
-inline void kernel_tile(int rows, int64_t ncols, int taps, const int64_t* a_tap, int64_t kc, const float* const* a,
-                        const float* b, int64_t b_tap, float* const* c, bool accumulate, const float* bias) {
+// One micro-tile of `rows` <= kMR rows and `ncols` <= kNR columns: picks the instantiation
+// (a tail of <= 8 columns needs only one vector per row).
+inline void kernel_tile(int rows, int64_t ncols, const KernelArgs& k) {
   if (ncols > 8) {
-    kernel_rows<2>(rows, taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    kernel_rows<2>(rows, ncols, k);
   } else {
-    kernel_rows<1>(rows, taps, a_tap, kc, a, b, b_tap, ncols, c, accumulate, bias);
+    kernel_rows<1>(rows, ncols, k);
   }
 }
 
@@ -136,9 +157,16 @@ inline int64_t packed_panels_size(int64_t rows, int64_t red, int64_t taps) {
   return (rows + kNR - 1) / kNR * kNR * red * taps;
 }
 
-// Packs a per-group weight w[((g*rows + r) * red + k) * taps + t] (weight_v (K, Cg, dv, 1) or
-// weight_h (N, Kg, 1, dh)) into panels of kNR rows: out[g][panel][t][k][kNR], zero past `rows`.
-inline void pack_panels(const float* w, int64_t groups, int64_t rows, int64_t red, int64_t taps, float* out) {
+// Where pack_panels reads element (group g, row r, reduction index k, tap t) of a weight:
+// w[g*group + r*row + k*red + t*tap].
+struct WeightStrides {
+  int64_t group, row, red, tap;
+};
+
+// Packs rows x red x taps weights per group into panels of kNR rows,
+// out[g][panel][t][k][kNR], zero past `rows`.
+inline void pack_panels(const float* w, WeightStrides st, int64_t groups, int64_t rows, int64_t red, int64_t taps,
+                        float* out) {
   const int64_t per_group = packed_panels_size(rows, red, taps);
   const int64_t panels = (rows + kNR - 1) / kNR;
   at::parallel_for(0, groups * panels, 1, [&](int64_t begin, int64_t end) {
@@ -146,11 +174,11 @@ inline void pack_panels(const float* w, int64_t groups, int64_t rows, int64_t re
       const int64_t g = gp / panels, p = gp % panels;
       float* o = out + g * per_group + p * taps * red * kNR;
       const int64_t n = std::min<int64_t>(kNR, rows - p * kNR);
-      const float* src = w + (g * rows + p * kNR) * red * taps;
+      const float* src = w + g * st.group + p * kNR * st.row;
       // Writes are contiguous; the reads are n streams, one per weight row.
       for (int64_t t = 0; t < taps; ++t)
         for (int64_t k = 0; k < red; ++k, o += kNR) {
-          for (int64_t i = 0; i < n; ++i) o[i] = src[(i * red + k) * taps + t];
+          for (int64_t i = 0; i < n; ++i) o[i] = src[i * st.row + k * st.red + t * st.tap];
           for (int64_t i = n; i < kNR; ++i) o[i] = 0.f;
         }
     }
