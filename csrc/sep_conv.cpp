@@ -462,21 +462,23 @@ void pixel_gemm(int64_t n_pix, int64_t n_out, const float* packed, int64_t red, 
                 APtr&& a_of, CPtr&& c_of, const float* bias) {
   namespace k = avx2;
   const int64_t rblk = std::max<int64_t>(1, kReductionBlock / taps);
+  const int64_t width = k::panel_width(n_out);
+  const int mr = k::tile_rows(width);
   float* crow[k::kMR];
   const float* arow[k::kMR];
   for (int64_t r0 = 0; r0 < red; r0 += rblk) {
     const int64_t rl = std::min(rblk, red - r0);
-    for (int64_t np = 0; np * k::kNR < n_out; ++np) {
-      const int64_t nc = std::min<int64_t>(k::kNR, n_out - np * k::kNR);
-      const float* b = packed + (np * taps * red + r0) * k::kNR;
-      const float* bias_p = (r0 == 0 && bias) ? bias + np * k::kNR : nullptr;
-      for (int64_t p0 = 0; p0 < n_pix; p0 += k::kMR) {
-        const int rm = static_cast<int>(std::min<int64_t>(k::kMR, n_pix - p0));
+    for (int64_t np = 0; np * width < n_out; ++np) {
+      const int64_t nc = std::min(width, n_out - np * width);
+      const float* b = packed + (np * taps * red + r0) * width;
+      const float* bias_p = (r0 == 0 && bias) ? bias + np * width : nullptr;
+      for (int64_t p0 = 0; p0 < n_pix; p0 += mr) {
+        const int rm = static_cast<int>(std::min<int64_t>(mr, n_pix - p0));
         for (int m = 0; m < rm; ++m) {
           arow[m] = a_of(p0 + m) + r0;
-          crow[m] = c_of(p0 + m) + np * k::kNR;
+          crow[m] = c_of(p0 + m) + np * width;
         }
-        k::kernel_tile(rm, nc, {taps, a_tap, rl, arow, 1, b, red * k::kNR, k::kNR, crow, r0 > 0, bias_p});
+        k::kernel_tile(rm, nc, {taps, a_tap, rl, arow, 1, b, red * width, width, crow, r0 > 0, bias_p});
       }
     }
   }

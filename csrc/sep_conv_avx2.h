@@ -126,6 +126,7 @@ struct KernelArgs {
 
 template <int NV>
 void kernel_rows(int rows, int64_t ncols, const KernelArgs& k) {
+  static_assert(NV <= 2, "use kernel_rows_24");
 #define LOWRANK_KERNEL_CASE(MR)                                                                             \
   case MR:                                                                                                  \
     return kernel<MR, NV>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, \
@@ -142,19 +143,39 @@ void kernel_rows(int rows, int64_t ncols, const KernelArgs& k) {
 #undef LOWRANK_KERNEL_CASE
 }
 
-// One micro-tile of `rows` <= kMR rows and `ncols` <= kNR columns: picks the instantiation
-// (a tail of <= 8 columns needs only one vector per row).
+// 4 x 24 micro-tiles (12 accumulators, three weight vectors): rows <= 4.
+inline void kernel_rows_24(int rows, int64_t ncols, const KernelArgs& k) {
+  switch (rows) {
+    case 4: return kernel<4, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
+    case 3: return kernel<3, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
+    case 2: return kernel<2, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
+    default: return kernel<1, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
+  }
+}
+
+// Rows per micro-tile for panels of `width` columns.
+inline int tile_rows(int64_t width) { return width > kNR ? 4 : kMR; }
+
+// One micro-tile of `rows` <= tile_rows rows and `ncols` <= 24 columns: picks the
+// instantiation (a tail of <= 8 columns needs only one vector per row).
 inline void kernel_tile(int rows, int64_t ncols, const KernelArgs& k) {
-  if (ncols > 8) {
+  if (ncols > 16) {
+    kernel_rows_24(rows, ncols, k);
+  } else if (ncols > 8) {
     kernel_rows<2>(rows, ncols, k);
   } else {
     kernel_rows<1>(rows, ncols, k);
   }
 }
 
+// Width of the weight panels for `rows` output channels: 24 (a 4 x 24 micro-tile) when that
+// fits exactly and 16 would leave a half-empty panel (rank 24, 72, ...), else kNR.
+inline int64_t panel_width(int64_t rows) { return rows % kNR != 0 && rows % 24 == 0 ? 24 : kNR; }
+
 // Floats per group of pack_panels' output.
 inline int64_t packed_panels_size(int64_t rows, int64_t red, int64_t taps) {
-  return (rows + kNR - 1) / kNR * kNR * red * taps;
+  const int64_t width = panel_width(rows);
+  return (rows + width - 1) / width * width * red * taps;
 }
 
 // Where pack_panels reads element (group g, row r, reduction index k, tap t) of a weight:
@@ -163,23 +184,23 @@ struct WeightStrides {
   int64_t group, row, red, tap;
 };
 
-// Packs rows x red x taps weights per group into panels of kNR rows,
-// out[g][panel][t][k][kNR], zero past `rows`.
+// Packs rows x red x taps weights per group into panels of width = panel_width(rows) rows,
+// out[g][panel][t][k][width], zero past `rows`.
 inline void pack_panels(const float* w, WeightStrides st, int64_t groups, int64_t rows, int64_t red, int64_t taps,
                         float* out) {
   const int64_t per_group = packed_panels_size(rows, red, taps);
-  const int64_t panels = (rows + kNR - 1) / kNR;
+  const int64_t width = panel_width(rows), panels = (rows + width - 1) / width;
   at::parallel_for(0, groups * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t gp = begin; gp < end; ++gp) {
       const int64_t g = gp / panels, p = gp % panels;
-      float* o = out + g * per_group + p * taps * red * kNR;
-      const int64_t n = std::min<int64_t>(kNR, rows - p * kNR);
-      const float* src = w + g * st.group + p * kNR * st.row;
+      float* o = out + g * per_group + p * taps * red * width;
+      const int64_t n = std::min(width, rows - p * width);
+      const float* src = w + g * st.group + p * width * st.row;
       // Writes are contiguous; the reads are n streams, one per weight row.
       for (int64_t t = 0; t < taps; ++t)
-        for (int64_t k = 0; k < red; ++k, o += kNR) {
+        for (int64_t k = 0; k < red; ++k, o += width) {
           for (int64_t i = 0; i < n; ++i) o[i] = src[i * st.row + k * st.red + t * st.tap];
-          for (int64_t i = n; i < kNR; ++i) o[i] = 0.f;
+          for (int64_t i = n; i < width; ++i) o[i] = 0.f;
         }
     }
   });

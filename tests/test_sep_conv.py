@@ -80,6 +80,7 @@ def test_forward_matches_reference(split, dvdh, groups, memory_format, dtype):
         (1, 200, 9, 21, 100, 120, 3, 3, 1, (1, 1), (1, 1)),  # taps*channels > 256: reduction blocks
         (2, 96, 6, 35, 132, 200, 3, 5, 2, (2, 1), (2, 1)),  # > 16 weight panels, groups, dilation
         (1, 7, 30, 3, 5, 3, 1, 3, 1, (0, 1), (1, 1)),  # outputs narrower than a vector
+        (2, 24, 8, 19, 24, 72, 3, 3, 1, (1, 1), (1, 1)),  # 24-wide weight panels (4 x 24 tiles)
     ],
 )
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -200,6 +201,7 @@ def test_backward_matches_reference(split, dvdh_groups, memory_format, dtype):
         (1, 100, 9, 21, 60, 70, 3, 3, 1, (1, 1), (1, 1)),  # reduction blocks, panel tails
         (2, 24, 5, 14, 40, 36, 5, 3, 2, (3, 0), (1, 2)),  # padding beyond the kernel, few rows
         (1, 6, 17, 3, 3, 5, 3, 1, 1, (0, 2), (2, 1)),  # go columns outside every window
+        (2, 24, 8, 19, 24, 72, 3, 3, 1, (1, 1), (1, 1)),  # 24-wide weight panels (4 x 24 tiles)
     ],
 )
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
