@@ -830,16 +830,21 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
   const auto ct = compute_dtype(input.scalar_type());
   const auto memory_format = input.suggest_memory_format();
   const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
+  // The AVX2 path writes every element it returns; the BLAS path accumulates into zeros.
+  bool fused = false;
+#ifdef LOWRANK_SEP_CONV_AVX2
+  fused = ct == at::kFloat && s.stride_v == 1 && s.stride_h == 1 && s.batch > 0 && s.out_channels > 0;
+#endif
+  const auto maybe_zero = [&](Tensor t) { return fused ? t : t.zero_(); };
   Tensor grad_input = output_mask[0]
-                          ? at::empty(input.sizes(), input.options().dtype(ct).memory_format(memory_format)).zero_()
+                          ? maybe_zero(at::empty(input.sizes(), input.options().dtype(ct).memory_format(memory_format)))
                           : at::empty({0}, input.options());
-  Tensor grad_wv = output_mask[1] ? at::zeros(weight_v.sizes(), weight_v.options().dtype(ct))
+  Tensor grad_wv = output_mask[1] ? maybe_zero(at::empty(weight_v.sizes(), weight_v.options().dtype(ct)))
                                   : at::empty({0}, weight_v.options());
-  Tensor grad_wh = output_mask[2] ? at::zeros(weight_h.sizes(), weight_h.options().dtype(ct))
+  Tensor grad_wh = output_mask[2] ? maybe_zero(at::empty(weight_h.sizes(), weight_h.options().dtype(ct)))
                                   : at::empty({0}, weight_h.options());
 #ifdef LOWRANK_SEP_CONV_AVX2
-  if (ct == at::kFloat && s.stride_v == 1 && s.stride_h == 1 && s.batch > 0 && s.out_channels > 0 &&
-      (output_mask[0] || output_mask[1] || output_mask[2])) {
+  if (fused && (output_mask[0] || output_mask[1] || output_mask[2])) {
     const Tensor x = input.to(ct).contiguous(memory_format);
     const Tensor gy = grad_out.to(ct).contiguous(memory_format);
     const Tensor wv = weight_v.to(ct).contiguous(), wh = weight_h.to(ct).contiguous();
