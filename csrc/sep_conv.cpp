@@ -129,12 +129,14 @@ struct Tiling {
 // `passes` = 2 in the backward, whose grad_input scatter runs
 // even and odd tiles in separate passes: there a tile must be at least as tall as the
 // vertical halo so that tiles two apart never touch the same input rows.
-Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes) {
+// `at_least` rows per tile (when the output is that tall) overrides the budget.
+Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes, int64_t at_least = 1) {
   // LOWRANK_TILE_KB overrides the budget (for tuning on other CPUs; see README).
   const char* env = std::getenv("LOWRANK_TILE_KB");
   const int64_t budget = (env ? std::atoll(env) : 512) * 1024;
   const int64_t H = s.out_height;
-  const int64_t min_rows = passes == 1 ? 1 : std::max<int64_t>(1, (s.dil_v * (s.dv - 1)) / s.stride_v);
+  const int64_t min_rows =
+      std::max(at_least, passes == 1 ? 1 : std::max<int64_t>(1, (s.dil_v * (s.dv - 1)) / s.stride_v));
   const int64_t max_per_image = std::max<int64_t>(1, H / min_rows);
   const int64_t fit_rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_row));
   int64_t n = std::min(max_per_image, (H + fit_rows - 1) / fit_rows);
@@ -616,7 +618,9 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   const int64_t wvT_group = k::packed_panels_size(s.cg, s.kg, s.dv);
 
   const int64_t row_elems = s.cg * W * 2 + s.kg * Wp + s.ng * Wg + s.kg * W;
-  const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1);
+  // Each tile recomputes the dL/dt rows of its vertical halo for grad_input: tiles of at
+  // least 4 halos keep that under 25% of the dL/dt work (2-row tiles on 28x28 layers doubled it).
+  const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1, gx ? 4 * halo : 1);
   const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
   const int64_t in_image = s.in_channels * H * W, out_image = s.out_channels * Ho * Wo;
   const int64_t wv_numel = s.rank * s.cg * s.dv, wh_numel = s.out_channels * s.kg * s.dh;
