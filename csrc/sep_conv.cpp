@@ -129,27 +129,30 @@ struct Tiling {
 // `passes` = 2 in the backward, whose grad_input scatter runs
 // even and odd tiles in separate passes: there a tile must be at least as tall as the
 // vertical halo so that tiles two apart never touch the same input rows.
-// `at_least` rows per tile (when the output is that tall) overrides the budget.
+// `at_least` rows per tile overrides the budget, as long as that still leaves a tile per thread.
 Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes, int64_t at_least = 1) {
   // LOWRANK_TILE_KB overrides the budget (for tuning on other CPUs; see README).
   const char* env = std::getenv("LOWRANK_TILE_KB");
   const int64_t budget = (env ? std::atoll(env) : 512) * 1024;
   const int64_t H = s.out_height;
+  const int64_t threads = at::get_num_threads(), images = s.batch * s.groups;
+  at_least = std::max<int64_t>(1, std::min(at_least, H * images / threads));
   const int64_t min_rows =
       std::max(at_least, passes == 1 ? 1 : std::max<int64_t>(1, (s.dil_v * (s.dv - 1)) / s.stride_v));
   const int64_t max_per_image = std::max<int64_t>(1, H / min_rows);
   const int64_t fit_rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_row));
   int64_t n = std::min(max_per_image, (H + fit_rows - 1) / fit_rows);
   // With few tiles, parallel_for's contiguous chunks only balance if every pass has a
-  // multiple of the thread count (this is what keeps both cores busy at batch 1).
-  const int64_t threads = at::get_num_threads(), images = s.batch * s.groups;
-  if (threads > 1 && images * n < 16 * threads * passes) {
-    for (int64_t cand = n; cand <= std::min(max_per_image, n + 2 * threads * passes); ++cand) {
-      if (cand % passes == 0 && (images * cand / passes) % threads == 0) {
-        n = cand;
-        break;
-      }
-    }
+  // multiple of the thread count (this is what keeps both cores busy at batch 1): look for
+  // such a count above n, else below it.
+  const auto balanced = [&](int64_t cand) { return cand % passes == 0 && (images * cand / passes) % threads == 0; };
+  if (threads > 1 && images * n < 16 * threads * passes && !balanced(n)) {
+    int64_t found = 0;
+    for (int64_t cand = n + 1; cand <= std::min(max_per_image, n + 2 * threads * passes) && !found; ++cand)
+      if (balanced(cand)) found = cand;
+    for (int64_t cand = n - 1; cand >= 1 && !found; --cand)
+      if (balanced(cand)) found = cand;
+    if (found) n = found;
   }
   Tiling tiling;
   tiling.per_image = n;
