@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <memory>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace lowrank {
@@ -466,7 +467,10 @@ template <typename APtr, typename CPtr>
 void pixel_gemm(int64_t n_pix, int64_t n_out, const float* packed, int64_t red, int taps, const int64_t* a_tap,
                 APtr&& a_of, CPtr&& c_of, const float* bias) {
   namespace k = avx2;
-  const int64_t rblk = std::max<int64_t>(1, kReductionBlock / taps);
+  // Equal reduction blocks of at most kReductionBlock / taps channels (256 channels in blocks
+  // of 85 would leave a last block of 1, paying a full pass over C for 3 FMA steps).
+  const int64_t max_blk = std::max<int64_t>(1, kReductionBlock / taps), n_blk = (red + max_blk - 1) / max_blk;
+  const int64_t rblk = (red + n_blk - 1) / n_blk;
   const int64_t width = k::panel_width(n_out);
   const int mr = k::tile_rows(width);
   float* crow[k::kMR];
@@ -785,6 +789,19 @@ Tensor unpack_weight_h(const Tensor& whp, bool cl) {
 }
 
 
+// Whether the AVX2 kernels take this call: float32, stride 1, unless LOWRANK_SEP_CONV_IMPL=blas
+// (run time, for comparing the two implementations; see README).
+bool use_avx2_path(const SepConvShape& s, at::ScalarType ct) {
+#ifdef LOWRANK_SEP_CONV_AVX2
+  const char* impl = std::getenv("LOWRANK_SEP_CONV_IMPL");
+  return ct == at::kFloat && s.stride_v == 1 && s.stride_h == 1 && !(impl && std::string(impl) == "blas");
+#else
+  (void)s;
+  (void)ct;
+  return false;
+#endif
+}
+
 // Reduced-precision inputs compute in float32.
 at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
@@ -804,7 +821,7 @@ Tensor sep_conv_cpu(const Tensor& input, const Tensor& weight_v, const Tensor& w
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
 #ifdef LOWRANK_SEP_CONV_AVX2
-  if (ct == at::kFloat && s.stride_v == 1 && s.stride_h == 1) {
+  if (use_avx2_path(s, ct)) {
     const Tensor wv = weight_v.to(ct).contiguous(), wh = weight_h.to(ct).contiguous();
     auto kernel = cl ? &sep_conv_forward_avx2<true> : &sep_conv_forward_avx2<false>;
     kernel(s, x.data_ptr<float>(), wv.data_ptr<float>(), wh.data_ptr<float>(),
@@ -838,10 +855,7 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
   const auto memory_format = input.suggest_memory_format();
   const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
   // The AVX2 path writes every element it returns; the BLAS path accumulates into zeros.
-  bool fused = false;
-#ifdef LOWRANK_SEP_CONV_AVX2
-  fused = ct == at::kFloat && s.stride_v == 1 && s.stride_h == 1 && s.batch > 0 && s.out_channels > 0;
-#endif
+  const bool fused = use_avx2_path(s, ct) && s.batch > 0 && s.out_channels > 0;
   const auto maybe_zero = [&](Tensor t) { return fused ? t : t.zero_(); };
   Tensor grad_input = output_mask[0]
                           ? maybe_zero(at::empty(input.sizes(), input.options().dtype(ct).memory_format(memory_format)))
