@@ -638,6 +638,9 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   for (int64_t j = 0; j < s.dh; ++j) tap_dt[j] = (s.dh - 1 - j) * s.dil_h * s.ng;
   for (int64_t i = 0; i < s.dv; ++i) tap_gx[i] = -i * s.dil_v * W * s.kg;
   const int64_t w_lo = std::max<int64_t>(0, -padg), w_hi = std::min(Wo, Wg - padg);  // go columns kept in gopad
+  // Weight-gradient micro-tiles: kR output channels x kW channels of the packed operand.
+  const int64_t kW = k::kPanel;
+  const int kR = k::tile_rows(kW);
 
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel;
@@ -678,30 +681,30 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
         // grad_weight_h[j] (Ng x Kg) += sum over owned pixels go (pixel, n) t (pixel + j*lh, k).
         tpad.resize(rows * Wp * s.kg);
         vertical_stage_avx2(s, xr, wvp.get() + g * wvp_group, rows, tpad.data());
-        // The 16 t channels of a k panel are packed per tap (contiguous pixels) and reused by
+        // The t channels of a k panel are packed per tap (contiguous pixels) and reused by
         // every n panel; go is read in place.
         const int64_t qw = w_hi - w_lo;
         row_tap.resize(rows);
-        panel.resize(rows * qw * k::kNR);
+        panel.resize(rows * qw * kW);
         for (int64_t rr = 0; rr < rows; ++rr) row_tap[rr] = ((r0 + rr - e0) * Wg + w_lo + padg) * s.ng;
         for (int64_t j = 0; j < s.dh; ++j)
-          for (int64_t k0 = 0; k0 < s.kg; k0 += k::kNR) {
-            const int64_t nc = std::min<int64_t>(k::kNR, s.kg - k0);
+          for (int64_t k0 = 0; k0 < s.kg; k0 += kW) {
+            const int64_t nc = std::min<int64_t>(kW, s.kg - k0);
             for (int64_t rr = 0; rr < rows; ++rr)
               for (int64_t w = 0; w < qw; ++w) {
-                float* d = panel.data() + (rr * qw + w) * k::kNR;
+                float* d = panel.data() + (rr * qw + w) * kW;
                 std::copy_n(tpad.data() + ((rr * Wp + w_lo + w + j * s.dil_h) * s.kg + k0), nc, d);
-                std::fill(d + nc, d + k::kNR, 0.f);
+                std::fill(d + nc, d + kW, 0.f);
               }
-            for (int64_t n0 = 0; n0 < s.ng; n0 += k::kMR) {
-              const int rm = static_cast<int>(std::min<int64_t>(k::kMR, s.ng - n0));
+            for (int64_t n0 = 0; n0 < s.ng; n0 += kR) {
+              const int rm = static_cast<int>(std::min<int64_t>(kR, s.ng - n0));
               for (int m = 0; m < rm; ++m) {
                 arow[m] = gopad.data() + n0 + m;
                 crow[m] = my_wh + ((g * s.dh + j) * s.ng + n0 + m) * s.kg + k0;
               }
               k::kernel_tile(rm, nc,
-                             {static_cast<int>(rows), row_tap.data(), qw, arow, s.ng, panel.data(), qw * k::kNR,
-                              k::kNR, crow, true, nullptr});
+                             {static_cast<int>(rows), row_tap.data(), qw, arow, s.ng, panel.data(), qw * kW,
+                              kW, crow, true, nullptr});
             }
           }
       }
@@ -714,25 +717,25 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
           [&](int64_t p) { return dtbuf.data() + p * s.kg; }, nullptr);
       if (gwv) {
         // grad_weight_v[i] (Kg x Cg) += sum over owned pixels dt (pixel, k) x (pixel + i*lv*W, c).
-        // The 16 x channels of a c panel are packed per tap and reused by every k panel.
+        // The x channels of a c panel are packed per tap and reused by every k panel.
         const int64_t zero = 0, P = rows * W;
-        panel.resize(P * k::kNR);
+        panel.resize(P * kW);
         for (int64_t i = 0; i < s.dv; ++i)
-          for (int64_t c0 = 0; c0 < s.cg; c0 += k::kNR) {
-            const int64_t nc = std::min<int64_t>(k::kNR, s.cg - c0);
+          for (int64_t c0 = 0; c0 < s.cg; c0 += kW) {
+            const int64_t nc = std::min<int64_t>(kW, s.cg - c0);
             const float* xs = xr.p + i * s.dil_v * W * xr.ld + c0;
             for (int64_t p = 0; p < P; ++p) {
-              float* d = panel.data() + p * k::kNR;
+              float* d = panel.data() + p * kW;
               std::copy_n(xs + p * xr.ld, nc, d);
-              std::fill(d + nc, d + k::kNR, 0.f);
+              std::fill(d + nc, d + kW, 0.f);
             }
-            for (int64_t k0 = 0; k0 < s.kg; k0 += k::kMR) {
-              const int rm = static_cast<int>(std::min<int64_t>(k::kMR, s.kg - k0));
+            for (int64_t k0 = 0; k0 < s.kg; k0 += kR) {
+              const int rm = static_cast<int>(std::min<int64_t>(kR, s.kg - k0));
               for (int m = 0; m < rm; ++m) {
                 arow[m] = dtbuf.data() + (r0 - e0) * W * s.kg + k0 + m;
                 crow[m] = my_wv + ((g * s.dv + i) * s.kg + k0 + m) * s.cg + c0;
               }
-              k::kernel_tile(rm, nc, {1, &zero, P, arow, s.kg, panel.data(), 0, k::kNR, crow, true, nullptr});
+              k::kernel_tile(rm, nc, {1, &zero, P, arow, s.kg, panel.data(), 0, kW, crow, true, nullptr});
             }
           }
       }
