@@ -36,6 +36,9 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
+#include <string>
+#include <cstdlib>
 #include <vector>
 
 namespace lowrank {
@@ -261,10 +264,389 @@ void complete_columns(std::vector<double>& Q, const std::vector<char>& deficient
   }
 }
 
+// ---- Gram route (float32 results): B = W^T W, symmetric eigen-decomposition in double lanes. ----
+// float32 results need norm-wise accuracy only (||A - U S Vh|| / ||A|| and orthogonality ~1e-6),
+// which the eigen-decomposition of B = W^T W = V diag(sigma^2) V^T in double delivers for a
+// fraction of Jacobi's cost: Householder tridiagonalization + implicit QR ~ 10 k^3 flops against
+// ~ 90 k^3 for 8-10 one-sided Jacobi sweeps. V is orthogonal to double precision and W V = U S
+// holds exactly (so does A = (U S) V^T); the columns of W V are orthogonal up to about
+// gamma sigma_max^2 / (sigma_i sigma_j) with gamma ~ (l + k) eps_double, which a Gram-Schmidt
+// pass in order of descending sigma removes for the pairs where it matters (ill-conditioned
+// input), changing U S by at most ~ sqrt(gamma) sigma_max. Not for float64: there gamma kappa(A)
+// would exceed the 1e-12 contract.
+using DLanes = Lanes<double>;
+using DVec = DLanes::V;
+constexpr int kDL = DLanes::L;
+
+// Element (r, c) of a k x k row-major matrix of lane vectors.
+inline double* elem(double* M, int64_t k, int64_t r, int64_t c) { return M + (r * k + c) * kDL; }
+
+inline int64_t lane_min(DVec v) {
+  alignas(32) double x[kDL];
+  DLanes::store(x, v);
+  return (int64_t)*std::min_element(x, x + kDL);
+}
+
+// Householder reduction Q^T B Q = tridiag(d, e) of the symmetric B (k x k, row-major,
+// overwritten); Q (row-major) is formed explicitly. Row j of H keeps the j-th Householder vector
+// (entries j+1..k-1, contiguous for the inner loops). tau, p: k lane vectors of scratch.
+__attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, double* tau, double* p, int64_t k) {
+  using S = DLanes;
+  const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5);
+  for (int64_t j = 0; j + 2 < k; ++j) {
+    const int64_t j1 = j + 1;
+    double* v = elem(H, k, j, 0);
+    const DVec alpha = S::load(elem(B, k, j, j1));  // B is symmetric: row j = column j
+    DVec xn2 = zero;
+    for (int64_t i = j1 + 1; i < k; ++i) {
+      const DVec x = S::load(elem(B, k, j, i));
+      xn2 = S::fmadd(x, x, xn2);
+    }
+    const DVec beta = S::copysign(S::sqrt(S::fmadd(alpha, alpha, xn2)), zero - alpha);
+    // Nothing below the subdiagonal (xn2 = 0, e.g. a zero lane): H = I.
+    const DVec t = S::blend_gt(xn2, zero, zero, (beta - alpha) / beta);
+    const DVec scal = S::blend_gt(xn2, zero, zero, one / (alpha - beta));
+    S::store(tau + j * kDL, t);
+    S::store(d + j * kDL, S::load(elem(B, k, j, j)));
+    S::store(e + j * kDL, S::blend_gt(xn2, zero, alpha, beta));
+    S::store(v + j1 * kDL, one);  // v = (1, x_2 / (alpha - beta), ...)
+    for (int64_t i = j1 + 1; i < k; ++i) S::store(v + i * kDL, S::load(elem(B, k, j, i)) * scal);
+    // Two-sided update of the trailing block B' (rows/columns j1..k-1):
+    // p = tau B' v, w = p - (tau/2)(p.v) v, B' -= v w^T + w v^T.
+    DVec pv = zero;
+    int64_t r = j1;
+    for (; r + 4 <= k; r += 4) {
+      const double* b0 = elem(B, k, r, 0);
+      const double* b1 = b0 + k * kDL;
+      const double* b2 = b1 + k * kDL;
+      const double* b3 = b2 + k * kDL;
+      DVec a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+      for (int64_t c = j1; c < k; ++c) {
+        const DVec vc = S::load(v + c * kDL);
+        a0 = S::fmadd(S::load(b0 + c * kDL), vc, a0);
+        a1 = S::fmadd(S::load(b1 + c * kDL), vc, a1);
+        a2 = S::fmadd(S::load(b2 + c * kDL), vc, a2);
+        a3 = S::fmadd(S::load(b3 + c * kDL), vc, a3);
+      }
+      S::store(p + r * kDL, t * a0);
+      S::store(p + (r + 1) * kDL, t * a1);
+      S::store(p + (r + 2) * kDL, t * a2);
+      S::store(p + (r + 3) * kDL, t * a3);
+    }
+    for (; r < k; ++r) {
+      const double* br = elem(B, k, r, 0);
+      DVec a0 = zero;
+      for (int64_t c = j1; c < k; ++c) a0 = S::fmadd(S::load(br + c * kDL), S::load(v + c * kDL), a0);
+      S::store(p + r * kDL, t * a0);
+    }
+    for (r = j1; r < k; ++r) pv = S::fmadd(S::load(p + r * kDL), S::load(v + r * kDL), pv);
+    const DVec K = half * t * pv;
+    for (r = j1; r < k; ++r) S::store(p + r * kDL, S::fnmadd(K, S::load(v + r * kDL), S::load(p + r * kDL)));
+    for (r = j1; r < k; ++r) {
+      const DVec vr = S::load(v + r * kDL), wr = S::load(p + r * kDL);
+      double* br = elem(B, k, r, 0);
+      for (int64_t c = j1; c < k; ++c) {
+        const DVec x = S::fnmadd(vr, S::load(p + c * kDL), S::load(br + c * kDL));
+        S::store(br + c * kDL, S::fnmadd(wr, S::load(v + c * kDL), x));
+      }
+    }
+  }
+  if (k >= 2) {
+    S::store(d + (k - 2) * kDL, S::load(elem(B, k, k - 2, k - 2)));
+    S::store(e + (k - 2) * kDL, S::load(elem(B, k, k - 1, k - 2)));
+  }
+  S::store(d + (k - 1) * kDL, S::load(elem(B, k, k - 1, k - 1)));
+  // Q = H_0 H_1 ... H_{k-3}, accumulated backwards on the trailing blocks (Q = I elsewhere).
+  for (int64_t r = 0; r < k; ++r)
+    for (int64_t c = 0; c < k; ++c) S::store(elem(Q, k, r, c), r == c ? one : zero);
+  for (int64_t j = k - 3; j >= 0; --j) {
+    const int64_t j1 = j + 1;
+    const double* v = elem(H, k, j, 0);
+    const DVec t = S::load(tau + j * kDL);
+    int64_t c = j1;
+    for (; c + 4 <= k; c += 4) {  // p = tau v^T Q', four columns at a time
+      DVec a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+      for (int64_t r = j1; r < k; ++r) {
+        const DVec vr = S::load(v + r * kDL);
+        const double* q = elem(Q, k, r, c);
+        a0 = S::fmadd(vr, S::load(q), a0);
+        a1 = S::fmadd(vr, S::load(q + kDL), a1);
+        a2 = S::fmadd(vr, S::load(q + 2 * kDL), a2);
+        a3 = S::fmadd(vr, S::load(q + 3 * kDL), a3);
+      }
+      S::store(p + c * kDL, t * a0);
+      S::store(p + (c + 1) * kDL, t * a1);
+      S::store(p + (c + 2) * kDL, t * a2);
+      S::store(p + (c + 3) * kDL, t * a3);
+    }
+    for (; c < k; ++c) {
+      DVec a0 = zero;
+      for (int64_t r = j1; r < k; ++r) a0 = S::fmadd(S::load(v + r * kDL), S::load(elem(Q, k, r, c)), a0);
+      S::store(p + c * kDL, t * a0);
+    }
+    for (int64_t r = j1; r < k; ++r) {  // Q' -= v p^T
+      const DVec vr = S::load(v + r * kDL);
+      double* qr = elem(Q, k, r, 0);
+      for (c = j1; c < k; ++c) S::store(qr + c * kDL, S::fnmadd(vr, S::load(p + c * kDL), S::load(qr + c * kDL)));
+    }
+  }
+}
+
+// Q <- Q G_lo ... G_{hi-1}, rotation i = (c_i, s_i) mixing columns i and i+1. Each row is one
+// pass with the running column in a register (one load and one store per rotation); four rows
+// at a time so that the dependent chains overlap.
+__attribute__((noinline)) void apply_rotations(double* Q, const double* cs, int64_t k, int64_t lo, int64_t hi) {
+  using S = DLanes;
+  int64_t r = 0;
+  for (; r + 4 <= k; r += 4) {
+    double* q0 = elem(Q, k, r, 0);
+    double* q1 = q0 + k * kDL;
+    double* q2 = q1 + k * kDL;
+    double* q3 = q2 + k * kDL;
+    DVec x0 = S::load(q0 + lo * kDL), x1 = S::load(q1 + lo * kDL), x2 = S::load(q2 + lo * kDL),
+         x3 = S::load(q3 + lo * kDL);
+    for (int64_t i = lo; i < hi; ++i) {
+      const DVec c = S::load(cs + 2 * i * kDL), s = S::load(cs + (2 * i + 1) * kDL);
+      const int64_t o = (i + 1) * kDL;
+      const DVec y0 = S::load(q0 + o), y1 = S::load(q1 + o), y2 = S::load(q2 + o), y3 = S::load(q3 + o);
+      S::store(q0 + o - kDL, S::fmadd(s, y0, c * x0));
+      S::store(q1 + o - kDL, S::fmadd(s, y1, c * x1));
+      S::store(q2 + o - kDL, S::fmadd(s, y2, c * x2));
+      S::store(q3 + o - kDL, S::fmadd(s, y3, c * x3));
+      x0 = S::fnmadd(s, x0, c * y0);
+      x1 = S::fnmadd(s, x1, c * y1);
+      x2 = S::fnmadd(s, x2, c * y2);
+      x3 = S::fnmadd(s, x3, c * y3);
+    }
+    S::store(q0 + hi * kDL, x0);
+    S::store(q1 + hi * kDL, x1);
+    S::store(q2 + hi * kDL, x2);
+    S::store(q3 + hi * kDL, x3);
+  }
+  for (; r < k; ++r) {
+    double* q = elem(Q, k, r, 0);
+    DVec x = S::load(q + lo * kDL);
+    for (int64_t i = lo; i < hi; ++i) {
+      const DVec c = S::load(cs + 2 * i * kDL), s = S::load(cs + (2 * i + 1) * kDL);
+      const DVec y = S::load(q + (i + 1) * kDL);
+      S::store(q + i * kDL, S::fmadd(s, y, c * x));
+      x = S::fnmadd(s, x, c * y);
+    }
+    S::store(q + hi * kDL, x);
+  }
+}
+
+// Implicit symmetric QR with Wilkinson shifts on tridiag(d, e) (GVL Alg. 8.3.3), rotations
+// accumulated into the columns of Q. All lanes step together: each lane chases its own bulge from
+// the top of its unreduced block ending at row hi (identity rotations above it); hi moves up once
+// every lane has split there. Off-diagonal entries below eps * trace(T) count as zero: norm-wise,
+// like the rounding of B itself. Returns the lanes that had not split at some hi after max_steps
+// steps (0 = converged). cs: 2 k lane vectors of scratch.
+std::atomic<int64_t> g_rot{0}, g_steps{0}, g_groups{0};
+__attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* Q, double* cs, int64_t k, int64_t max_steps) {
+  using S = DLanes;
+  const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5), two = S::set1(2.0);
+  DVec trace = zero;
+  for (int64_t i = 0; i < k; ++i) trace = trace + S::abs(S::load(d + i * kDL));
+  const DVec tol = S::set1(std::numeric_limits<double>::epsilon()) * trace;
+  int64_t hi = k - 1, steps = 0;
+  while (hi > 0) {
+    for (int64_t i = 0; i < hi; ++i) {
+      const DVec ei = S::load(e + i * kDL);
+      S::store(e + i * kDL, S::blend_gt(S::abs(ei), tol, zero, ei));
+    }
+    while (hi > 0 && !S::gt_mask(S::abs(S::load(e + (hi - 1) * kDL)), zero)) {
+      --hi;
+      steps = 0;
+    }
+    if (hi == 0) break;
+    if (++steps > max_steps) return S::gt_mask(S::abs(S::load(e + (hi - 1) * kDL)), zero);
+    // lo: first row of each lane's unreduced block ending at hi (hi itself if it split there).
+    DVec lo = zero;
+    for (int64_t i = 1; i <= hi; ++i) lo = S::blend_gt(S::abs(S::load(e + (i - 1) * kDL)), zero, S::set1(double(i)), lo);
+    const int64_t lo_min = lane_min(lo);
+    // Wilkinson shift: the eigenvalue of the trailing 2 x 2 block closer to d_hi.
+    const DVec a = S::load(d + (hi - 1) * kDL), b = S::load(d + hi * kDL), f = S::load(e + (hi - 1) * kDL);
+    const DVec delta = (a - b) * half;
+    DVec den = delta + S::copysign(S::sqrt(S::fmadd(delta, delta, f * f)), delta);
+    den = S::blend_gt(S::abs(den), zero, one, den);  // f = 0 and delta = 0: mu = b
+    const DVec mu = b - f * f / den;
+    DVec bulge = zero;
+    for (int64_t i = lo_min; i < hi; ++i) {
+      const DVec iv = S::set1(double(i));
+      const DVec ei = S::load(e + i * kDL), di = S::load(d + i * kDL), dn = S::load(d + (i + 1) * kDL);
+      // Lanes starting here take the first column of T - mu I, lanes already chasing (i > lo)
+      // annihilate their bulge.
+      DVec x = di - mu, z = ei, eprev = zero;
+      if (i > lo_min) {
+        eprev = S::load(e + (i - 1) * kDL);
+        x = S::blend_gt(iv, lo, x, eprev);
+        z = S::blend_gt(iv, lo, z, bulge);
+      }
+      const DVec r = S::sqrt(S::fmadd(x, x, z * z));
+      const DVec inv = one / S::blend_gt(r, zero, one, r);
+      DVec c = S::blend_gt(r, zero, one, x * inv), s = S::blend_gt(r, zero, zero, z * inv);
+      c = S::blend_gt(lo, iv, c, one);  // above the lane's block: identity
+      s = S::blend_gt(lo, iv, s, zero);
+      if (i > lo_min) S::store(e + (i - 1) * kDL, S::blend_gt(iv, lo, eprev, r));
+      const DVec cc = c * c, ss = s * s, cs2f = two * c * s * ei;
+      S::store(d + i * kDL, S::fmadd(cc, di, S::fmadd(ss, dn, cs2f)));
+      S::store(d + (i + 1) * kDL, S::fmadd(ss, di, S::fmadd(cc, dn, zero - cs2f)));
+      S::store(e + i * kDL, S::fmadd(c * s, dn - di, (cc - ss) * ei));
+      if (i + 1 < hi) {
+        const DVec en = S::load(e + (i + 1) * kDL);
+        bulge = s * en;
+        S::store(e + (i + 1) * kDL, c * en);
+      }
+      S::store(cs + 2 * i * kDL, c);
+      S::store(cs + (2 * i + 1) * kDL, s);
+    }
+    apply_rotations(Q, cs, k, lo_min, hi);
+    g_rot += hi - lo_min; g_steps += 1;
+  }
+  return 0;
+}
+
+// Wn (l x k, column-major) = W (l x k) * Vm (k x k, column-major): R rows x CC columns per tile.
+template <int R, int CC>
+inline void gemm_tile(const double* W, const double* Vm, double* Wn, int64_t l, int64_t k, int64_t i, int64_t c) {
+  using S = DLanes;
+  DVec acc[R][CC];
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < CC; ++b) acc[a][b] = S::set1(0.0);
+  for (int64_t j = 0; j < k; ++j) {
+    DVec w[R], v[CC];
+    for (int a = 0; a < R; ++a) w[a] = S::load(W + (j * l + i + a) * kDL);
+    for (int b = 0; b < CC; ++b) v[b] = S::load(Vm + ((c + b) * k + j) * kDL);
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < CC; ++b) acc[a][b] = S::fmadd(w[a], v[b], acc[a][b]);
+  }
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < CC; ++b) S::store(Wn + ((c + b) * l + i + a) * kDL, acc[a][b]);
+}
+
+__attribute__((noinline)) void gemm_wv(const double* W, const double* Vm, double* Wn, int64_t l, int64_t k) {
+  for (int64_t c = 0; c < k; c += 2) {
+    const bool pair = c + 1 < k;
+    int64_t i = 0;
+    for (; i + 4 <= l; i += 4) {
+      if (pair) gemm_tile<4, 2>(W, Vm, Wn, l, k, i, c);
+      else gemm_tile<4, 1>(W, Vm, Wn, l, k, i, c);
+    }
+    for (; i < l; ++i) {
+      if (pair) gemm_tile<1, 2>(W, Vm, Wn, l, k, i, c);
+      else gemm_tile<1, 1>(W, Vm, Wn, l, k, i, c);
+    }
+  }
+}
+
+// Scratch of gram_svd_group, allocated once per thread.
+struct GramWork {
+  std::vector<double> Wn, B, H, Q, d, e, tau, p, cs, lam, inv_n2;
+  std::vector<int64_t> order;
+  GramWork(int64_t l, int64_t k)
+      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), d(k * kDL), e(k * kDL), tau(k * kDL), p(k * kDL),
+        cs(2 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
+};
+
+// The Gram route on one group of packed matrices W (l x k, column-major, lane = matrix).
+// Outputs as the Jacobi route leaves them: W <- U diag(sigma) (columns in descending sigma
+// order), Vm <- V (k x k, column-major), sigma_lanes <- sigma. Returns the non-converged lanes.
+unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes, int64_t l, int64_t k,
+                        int64_t max_steps, GramWork& ws) {
+  using S = DLanes;
+  const DVec zero = S::set1(0.0), one = S::set1(1.0), quarter = S::set1(0.25);
+  // B = W^T W (products of float inputs are exact in double).
+  for (int64_t a = 0; a < k; ++a)
+    for (int64_t b = 0; b <= a; ++b) {
+      const double* wa = W.data() + a * l * kDL;
+      const double* wb = W.data() + b * l * kDL;
+      DVec s0 = zero, s1 = zero;
+      int64_t i = 0;
+      for (; i + 1 < l; i += 2) {
+        s0 = S::fmadd(S::load(wa + i * kDL), S::load(wb + i * kDL), s0);
+        s1 = S::fmadd(S::load(wa + (i + 1) * kDL), S::load(wb + (i + 1) * kDL), s1);
+      }
+      if (i < l) s0 = S::fmadd(S::load(wa + i * kDL), S::load(wb + i * kDL), s0);
+      S::store(elem(ws.B.data(), k, a, b), s0 + s1);
+      S::store(elem(ws.B.data(), k, b, a), s0 + s1);
+    }
+  tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(), k);
+  g_groups += 1;
+  const unsigned failing = tridiagonal_qr(ws.d.data(), ws.e.data(), ws.Q.data(), ws.cs.data(), k, max_steps);
+  // Per lane: eigenvalues descending; V's columns in that order (column-major for the unpack).
+  for (int lane = 0; lane < kDL; ++lane) {
+    auto lam = [&](int64_t j) { return ws.d[j * kDL + lane]; };
+    std::iota(ws.order.begin(), ws.order.end(), 0);
+    std::stable_sort(ws.order.begin(), ws.order.end(), [&](int64_t x, int64_t y) { return lam(x) > lam(y); });
+    for (int64_t c = 0; c < k; ++c) {
+      const int64_t src = ws.order[c];
+      ws.lam[c * kDL + lane] = std::max(lam(src), 0.0);
+      for (int64_t r = 0; r < k; ++r) Vm[(c * k + r) * kDL + lane] = ws.Q[(r * k + src) * kDL + lane];
+    }
+  }
+  gemm_wv(W.data(), Vm, ws.Wn.data(), l, k);
+  // Gram-Schmidt where needed: column j against the earlier columns i with
+  // lambda_i lambda_j < (rho lambda_0)^2 in some lane (the other pairs are orthogonal to ~1e-9
+  // already); a second, full pass when the first one removed more than half of the column.
+  const DVec rho = S::set1(1e-6 * double(l + k));
+  const DVec thr = rho * rho * S::load(ws.lam.data()) * S::load(ws.lam.data());
+  double* Wn = ws.Wn.data();
+  auto norm2 = [&](const double* w) {
+    DVec s0 = zero, s1 = zero;
+    int64_t i = 0;
+    for (; i + 1 < l; i += 2) {
+      const DVec x0 = S::load(w + i * kDL), x1 = S::load(w + (i + 1) * kDL);
+      s0 = S::fmadd(x0, x0, s0);
+      s1 = S::fmadd(x1, x1, s1);
+    }
+    if (i < l) s0 = S::fmadd(S::load(w + i * kDL), S::load(w + i * kDL), s0);
+    return s0 + s1;
+  };
+  auto project_out = [&](double* wj, int64_t from, int64_t to) {
+    for (int64_t i = from; i < to; ++i) {
+      const double* wi = Wn + i * l * kDL;
+      DVec h0 = zero, h1 = zero;
+      int64_t r = 0;
+      for (; r + 1 < l; r += 2) {
+        h0 = S::fmadd(S::load(wi + r * kDL), S::load(wj + r * kDL), h0);
+        h1 = S::fmadd(S::load(wi + (r + 1) * kDL), S::load(wj + (r + 1) * kDL), h1);
+      }
+      if (r < l) h0 = S::fmadd(S::load(wi + r * kDL), S::load(wj + r * kDL), h0);
+      const DVec h = (h0 + h1) * S::load(ws.inv_n2.data() + i * kDL);
+      for (r = 0; r < l; ++r) S::store(wj + r * kDL, S::fnmadd(h, S::load(wi + r * kDL), S::load(wj + r * kDL)));
+    }
+  };
+  for (int64_t j = 0; j < k; ++j) {
+    double* wj = Wn + j * l * kDL;
+    const DVec lj = S::load(ws.lam.data() + j * kDL);
+    DVec keep = zero;  // per lane: how many leading columns need no projection
+    for (int64_t i = 0; i < j; ++i) keep = keep + S::blend_gt(thr, S::load(ws.lam.data() + i * kDL) * lj, one, zero);
+    const int64_t from = lane_min(keep);
+    DVec n2 = norm2(wj);
+    if (from < j) {
+      project_out(wj, from, j);
+      const DVec n2_after = norm2(wj);
+      if (S::gt_mask(quarter * n2, n2_after)) {
+        project_out(wj, 0, j);
+        n2 = norm2(wj);
+      } else {
+        n2 = n2_after;
+      }
+    }
+    S::store(ws.inv_n2.data() + j * kDL, S::blend_gt(n2, zero, zero, one / S::blend_gt(n2, zero, one, n2)));
+    S::store(sigma_lanes + j * kDL, S::sqrt(n2));
+  }
+  std::swap(W, ws.Wn);
+  return failing;
+}
+
 // T: element type of A and the results; C: compute type of the Jacobi sweeps (lanes).
+// gram: the Gram route (double lanes only) instead of Jacobi; max_sweeps then bounds the QR steps
+// per eigenvalue.
 template <typename T, typename C>
 void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m, int64_t n, int64_t rank,
-                        int64_t max_sweeps, std::atomic<int64_t>& failed) {
+                        int64_t max_sweeps, bool gram, std::atomic<int64_t>& failed) {
   using Simd = Lanes<C>;
   using Vec = typename Simd::V;
   constexpr int L = Simd::L;
@@ -294,6 +676,8 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
     std::vector<int64_t> order(k);
     std::vector<double> scale(L);
     std::vector<char> finite(L);
+    std::optional<GramWork> gram_work;
+    if (gram) gram_work.emplace(l, k);
     for (int64_t g = g0; g < g1; ++g) {
       // Pack: lane = matrix. Padding lanes and non-finite matrices are zero (converge at once).
       for (int lane = 0; lane < L; ++lane) {
@@ -323,18 +707,22 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
           for (int64_t i = 0; i < k; ++i) Vm[(j * k + i) * L + lane] = i == j ? C(1) : C(0);
       }
 
-      const unsigned rotating =
-          jacobi_group<C>(W.data(), Vm.data(), l, k, max_sweeps, tol, pairs, round_start, cs, pair_mask);
-
-      // Column norms of all lanes at once.
-      for (int64_t j = 0; j < k; ++j) {
-        Vec acc = Simd::set1(C(0));
-        const C* wj = W.data() + j * l * L;
-        for (int64_t i = 0; i < l; ++i) {
-          const Vec w = Simd::load(wj + i * L);
-          acc = Simd::fmadd(w, w, acc);
+      unsigned rotating = 0;
+      if constexpr (std::is_same_v<C, double>) {
+        if (gram) rotating = gram_svd_group(W, Vm.data(), sigma_lanes.data(), l, k, max_sweeps, *gram_work);
+      }
+      if (!gram) {
+        rotating = jacobi_group<C>(W.data(), Vm.data(), l, k, max_sweeps, tol, pairs, round_start, cs, pair_mask);
+        // Column norms of all lanes at once.
+        for (int64_t j = 0; j < k; ++j) {
+          Vec acc = Simd::set1(C(0));
+          const C* wj = W.data() + j * l * L;
+          for (int64_t i = 0; i < l; ++i) {
+            const Vec w = Simd::load(wj + i * L);
+            acc = Simd::fmadd(w, w, acc);
+          }
+          Simd::store(sigma_lanes.data() + j * L, Simd::sqrt(acc));
         }
-        Simd::store(sigma_lanes.data() + j * L, Simd::sqrt(acc));
       }
       // Unpack lane by lane: sort, completion, signs.
       for (int lane = 0; lane < L; ++lane) {
@@ -461,23 +849,25 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   if (k > kJacobiMaxSize) return lapack_fallback(A, rank);
   const Tensor Ac = A.contiguous();
   std::atomic<int64_t> failed{std::numeric_limits<int64_t>::max()};
-  // float32 with max(m, n) <= 8 (d x d kernel slices, 8 x 8 blocks): float lanes, twice the
-  // matrices per instruction; rotation rounding stays ~3e-6 at this size, inside the 1e-5
-  // accuracy contract. Everything else: double lanes.
-  if (A.scalar_type() == at::kFloat && std::max(m, n) <= kFloatLanesMaxSize) {
+  if (std::getenv("LOWRANK_STATS")) { fprintf(stderr, "groups %ld steps %ld rot %ld\n", (long)g_groups, (long)g_steps, (long)g_rot); g_groups = 0; g_steps = 0; g_rot = 0; }
+  const char* force = std::getenv("LOWRANK_SVD_PATH");  // TEMP experiment switch
+  const std::string path = force ? force : "";
+  const bool gram = A.scalar_type() == at::kFloat && path != "jacobi" && !(path == "" && std::max(m, n) <= kFloatLanesMaxSize);
+  if (A.scalar_type() == at::kFloat && !gram && std::max(m, n) <= kFloatLanesMaxSize) {
     batched_svd_kernel<float, float>(Ac.const_data_ptr<float>(), U.mutable_data_ptr<float>(),
                                      S.mutable_data_ptr<float>(), Vh.mutable_data_ptr<float>(), batch, m, n, rank,
-                                     max_sweeps, failed);
+                                     max_sweeps, false, failed);
   } else {
     AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "batched_svd", [&] {
       batched_svd_kernel<scalar_t, double>(Ac.const_data_ptr<scalar_t>(), U.mutable_data_ptr<scalar_t>(),
                                            S.mutable_data_ptr<scalar_t>(), Vh.mutable_data_ptr<scalar_t>(), batch, m,
-                                           n, rank, max_sweeps, failed);
+                                           n, rank, max_sweeps, gram, failed);
     });
   }
-  TORCH_CHECK(failed.load() == std::numeric_limits<int64_t>::max(),
-              "batched_svd: one-sided Jacobi did not converge within max_sweeps=", max_sweeps,
-              " sweeps for matrix ", failed.load(), " of the flattened batch (shape ", A.sizes(), ")");
+  TORCH_CHECK(failed.load() == std::numeric_limits<int64_t>::max(), "batched_svd: ",
+              gram ? "tridiagonal QR" : "one-sided Jacobi", " did not converge within max_sweeps=", max_sweeps,
+              gram ? " steps per eigenvalue" : " sweeps", " for matrix ", failed.load(), " of the flattened batch (shape ",
+              A.sizes(), ")");
   return {U, S, Vh};
 }
 
