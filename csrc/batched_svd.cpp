@@ -287,8 +287,8 @@ inline int64_t lane_min(DVec v) {
   return (int64_t)*std::min_element(x, x + kDL);
 }
 
-// Householder reduction Q^T B Q = tridiag(d, e) of the symmetric B (k x k, row-major,
-// overwritten); Q (row-major) is formed explicitly. Row j of H keeps the j-th Householder vector
+// Householder reduction Q^T B Q = tridiag(d, e) of the symmetric B (k x k, row-major, lower
+// triangle used and overwritten); Q (row-major) is formed explicitly. Row j of H keeps the j-th Householder vector
 // (entries j+1..k-1, contiguous for the inner loops). tau, p: k lane vectors of scratch.
 __attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, double* tau, double* p, int64_t k) {
   using S = DLanes;
@@ -296,10 +296,10 @@ __attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, d
   for (int64_t j = 0; j + 2 < k; ++j) {
     const int64_t j1 = j + 1;
     double* v = elem(H, k, j, 0);
-    const DVec alpha = S::load(elem(B, k, j, j1));  // B is symmetric: row j = column j
+    const DVec alpha = S::load(elem(B, k, j1, j));  // only the lower triangle is kept
     DVec xn2 = zero;
     for (int64_t i = j1 + 1; i < k; ++i) {
-      const DVec x = S::load(elem(B, k, j, i));
+      const DVec x = S::load(elem(B, k, i, j));
       xn2 = S::fmadd(x, x, xn2);
     }
     const DVec beta = S::copysign(S::sqrt(S::fmadd(alpha, alpha, xn2)), zero - alpha);
@@ -310,42 +310,41 @@ __attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, d
     S::store(d + j * kDL, S::load(elem(B, k, j, j)));
     S::store(e + j * kDL, S::blend_gt(xn2, zero, alpha, beta));
     S::store(v + j1 * kDL, one);  // v = (1, x_2 / (alpha - beta), ...)
-    for (int64_t i = j1 + 1; i < k; ++i) S::store(v + i * kDL, S::load(elem(B, k, j, i)) * scal);
-    // Two-sided update of the trailing block B' (rows/columns j1..k-1):
+    for (int64_t i = j1 + 1; i < k; ++i) S::store(v + i * kDL, S::load(elem(B, k, i, j)) * scal);
+    // Two-sided update of the trailing block B' (rows/columns j1..k-1, lower triangle only):
     // p = tau B' v, w = p - (tau/2)(p.v) v, B' -= v w^T + w v^T.
-    DVec pv = zero;
-    int64_t r = j1;
-    for (; r + 4 <= k; r += 4) {
-      const double* b0 = elem(B, k, r, 0);
-      const double* b1 = b0 + k * kDL;
-      const double* b2 = b1 + k * kDL;
-      const double* b3 = b2 + k * kDL;
-      DVec a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-      for (int64_t c = j1; c < k; ++c) {
-        const DVec vc = S::load(v + c * kDL);
-        a0 = S::fmadd(S::load(b0 + c * kDL), vc, a0);
-        a1 = S::fmadd(S::load(b1 + c * kDL), vc, a1);
-        a2 = S::fmadd(S::load(b2 + c * kDL), vc, a2);
-        a3 = S::fmadd(S::load(b3 + c * kDL), vc, a3);
-      }
-      S::store(p + r * kDL, t * a0);
-      S::store(p + (r + 1) * kDL, t * a1);
-      S::store(p + (r + 2) * kDL, t * a2);
-      S::store(p + (r + 3) * kDL, t * a3);
-    }
-    for (; r < k; ++r) {
+    for (int64_t r = j1; r < k; ++r) S::store(p + r * kDL, zero);
+    for (int64_t r = j1; r < k; ++r) {  // symmetric product from the lower triangle
       const double* br = elem(B, k, r, 0);
-      DVec a0 = zero;
-      for (int64_t c = j1; c < k; ++c) a0 = S::fmadd(S::load(br + c * kDL), S::load(v + c * kDL), a0);
-      S::store(p + r * kDL, t * a0);
+      const DVec vr = S::load(v + r * kDL);
+      DVec a0 = zero, a1 = zero;
+      int64_t c = j1;
+      for (; c + 2 <= r; c += 2) {
+        const DVec b0 = S::load(br + c * kDL), b1 = S::load(br + (c + 1) * kDL);
+        a0 = S::fmadd(b0, S::load(v + c * kDL), a0);
+        a1 = S::fmadd(b1, S::load(v + (c + 1) * kDL), a1);
+        S::store(p + c * kDL, S::fmadd(b0, vr, S::load(p + c * kDL)));
+        S::store(p + (c + 1) * kDL, S::fmadd(b1, vr, S::load(p + (c + 1) * kDL)));
+      }
+      for (; c < r; ++c) {
+        const DVec b0 = S::load(br + c * kDL);
+        a0 = S::fmadd(b0, S::load(v + c * kDL), a0);
+        S::store(p + c * kDL, S::fmadd(b0, vr, S::load(p + c * kDL)));
+      }
+      S::store(p + r * kDL, S::fmadd(S::load(br + r * kDL), vr, S::load(p + r * kDL) + a0 + a1));
     }
-    for (r = j1; r < k; ++r) pv = S::fmadd(S::load(p + r * kDL), S::load(v + r * kDL), pv);
+    DVec pv = zero;
+    for (int64_t r = j1; r < k; ++r) {
+      const DVec pr = t * S::load(p + r * kDL);
+      S::store(p + r * kDL, pr);
+      pv = S::fmadd(pr, S::load(v + r * kDL), pv);
+    }
     const DVec K = half * t * pv;
-    for (r = j1; r < k; ++r) S::store(p + r * kDL, S::fnmadd(K, S::load(v + r * kDL), S::load(p + r * kDL)));
-    for (r = j1; r < k; ++r) {
+    for (int64_t r = j1; r < k; ++r) S::store(p + r * kDL, S::fnmadd(K, S::load(v + r * kDL), S::load(p + r * kDL)));
+    for (int64_t r = j1; r < k; ++r) {
       const DVec vr = S::load(v + r * kDL), wr = S::load(p + r * kDL);
       double* br = elem(B, k, r, 0);
-      for (int64_t c = j1; c < k; ++c) {
+      for (int64_t c = j1; c <= r; ++c) {
         const DVec x = S::fnmadd(vr, S::load(p + c * kDL), S::load(br + c * kDL));
         S::store(br + c * kDL, S::fnmadd(wr, S::load(v + c * kDL), x));
       }
@@ -471,15 +470,16 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
     DVec den = delta + S::copysign(S::sqrt(S::fmadd(delta, delta, f * f)), delta);
     den = S::blend_gt(S::abs(den), zero, one, den);  // f = 0 and delta = 0: mu = b
     const DVec mu = b - f * f / den;
-    DVec bulge = zero;
+    // The chase is one dependent chain: the updated d_i, e_{i-1}, e_i stay in registers.
+    DVec bulge = zero, eprev = zero;
+    DVec di = S::load(d + lo_min * kDL), ei = S::load(e + lo_min * kDL);
     for (int64_t i = lo_min; i < hi; ++i) {
       const DVec iv = S::set1(double(i));
-      const DVec ei = S::load(e + i * kDL), di = S::load(d + i * kDL), dn = S::load(d + (i + 1) * kDL);
+      const DVec dn = S::load(d + (i + 1) * kDL);
       // Lanes starting here take the first column of T - mu I, lanes already chasing (i > lo)
       // annihilate their bulge.
-      DVec x = di - mu, z = ei, eprev = zero;
+      DVec x = di - mu, z = ei;
       if (i > lo_min) {
-        eprev = S::load(e + (i - 1) * kDL);
         x = S::blend_gt(iv, lo, x, eprev);
         z = S::blend_gt(iv, lo, z, bulge);
       }
@@ -491,16 +491,18 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
       if (i > lo_min) S::store(e + (i - 1) * kDL, S::blend_gt(iv, lo, eprev, r));
       const DVec cc = c * c, ss = s * s, cs2f = two * c * s * ei;
       S::store(d + i * kDL, S::fmadd(cc, di, S::fmadd(ss, dn, cs2f)));
-      S::store(d + (i + 1) * kDL, S::fmadd(ss, di, S::fmadd(cc, dn, zero - cs2f)));
-      S::store(e + i * kDL, S::fmadd(c * s, dn - di, (cc - ss) * ei));
+      eprev = S::fmadd(c * s, dn - di, (cc - ss) * ei);
+      di = S::fmadd(ss, di, S::fmadd(cc, dn, zero - cs2f));
       if (i + 1 < hi) {
         const DVec en = S::load(e + (i + 1) * kDL);
         bulge = s * en;
-        S::store(e + (i + 1) * kDL, c * en);
+        ei = c * en;
       }
       S::store(cs + 2 * i * kDL, c);
       S::store(cs + (2 * i + 1) * kDL, s);
     }
+    S::store(d + hi * kDL, di);
+    S::store(e + (hi - 1) * kDL, eprev);
     apply_rotations(Q, cs, k, lo_min, hi);
     g_rot += hi - lo_min; g_steps += 1;
   }
@@ -556,21 +558,27 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
                         int64_t max_steps, GramWork& ws) {
   using S = DLanes;
   const DVec zero = S::set1(0.0), one = S::set1(1.0), quarter = S::set1(0.25);
-  // B = W^T W (products of float inputs are exact in double).
-  for (int64_t a = 0; a < k; ++a)
-    for (int64_t b = 0; b <= a; ++b) {
-      const double* wa = W.data() + a * l * kDL;
-      const double* wb = W.data() + b * l * kDL;
-      DVec s0 = zero, s1 = zero;
-      int64_t i = 0;
-      for (; i + 1 < l; i += 2) {
-        s0 = S::fmadd(S::load(wa + i * kDL), S::load(wb + i * kDL), s0);
-        s1 = S::fmadd(S::load(wa + (i + 1) * kDL), S::load(wb + (i + 1) * kDL), s1);
-      }
-      if (i < l) s0 = S::fmadd(S::load(wa + i * kDL), S::load(wb + i * kDL), s0);
-      S::store(elem(ws.B.data(), k, a, b), s0 + s1);
-      S::store(elem(ws.B.data(), k, b, a), s0 + s1);
+  // B = W^T W, lower triangle (products of float inputs are exact in double); 2 x 2 tiles.
+  auto gram_tile = [&](int64_t a, int64_t b, bool two_a, bool two_b) {
+    const double* wa = W.data() + a * l * kDL;
+    const double* wb = W.data() + b * l * kDL;
+    const int64_t ao = two_a ? l * kDL : 0, bo = two_b ? l * kDL : 0;
+    DVec s00 = zero, s01 = zero, s10 = zero, s11 = zero;
+    for (int64_t i = 0; i < l; ++i) {
+      const DVec x0 = S::load(wa + i * kDL), x1 = S::load(wa + ao + i * kDL);
+      const DVec y0 = S::load(wb + i * kDL), y1 = S::load(wb + bo + i * kDL);
+      s00 = S::fmadd(x0, y0, s00);
+      s01 = S::fmadd(x0, y1, s01);
+      s10 = S::fmadd(x1, y0, s10);
+      s11 = S::fmadd(x1, y1, s11);
     }
+    S::store(elem(ws.B.data(), k, a, b), s00);
+    if (two_b && b + 1 <= a) S::store(elem(ws.B.data(), k, a, b + 1), s01);
+    if (two_a) S::store(elem(ws.B.data(), k, a + 1, b), s10);
+    if (two_a && two_b) S::store(elem(ws.B.data(), k, a + 1, b + 1), s11);
+  };
+  for (int64_t a = 0; a < k; a += 2)
+    for (int64_t b = 0; b <= a; b += 2) gram_tile(a, b, a + 1 < k, b + 1 < k);
   tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(), k);
   g_groups += 1;
   const unsigned failing = tridiagonal_qr(ws.d.data(), ws.e.data(), ws.Q.data(), ws.cs.data(), k, max_steps);
