@@ -289,7 +289,8 @@ inline int64_t lane_min(DVec v) {
 
 // Householder reduction Q^T B Q = tridiag(d, e) of the symmetric B (k x k, row-major, lower
 // triangle used and overwritten); Q (row-major) is formed explicitly. Row j of H keeps the j-th Householder vector
-// (entries j+1..k-1, contiguous for the inner loops). tau, p: k lane vectors of scratch.
+// (entries j+1..k-1, contiguous for the inner loops; H zero-initialized). tau: 2 k, p: k lane
+// vectors of scratch.
 __attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, double* tau, double* p, int64_t k) {
   using S = DLanes;
   const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5);
@@ -355,38 +356,48 @@ __attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, d
     S::store(e + (k - 2) * kDL, S::load(elem(B, k, k - 1, k - 2)));
   }
   S::store(d + (k - 1) * kDL, S::load(elem(B, k, k - 1, k - 1)));
-  // Q = H_0 H_1 ... H_{k-3}, accumulated backwards on the trailing blocks (Q = I elsewhere).
+  // Q = H_0 H_1 ... H_{k-3}, accumulated backwards on the trailing blocks (Q = I elsewhere), two
+  // reflectors per pass over Q: H_b H_a Q = Q - v_a p_a^T - v_b p_b^T with p_a = tau_a Q^T v_a,
+  // p_b = tau_b (Q^T v_b - (v_a.v_b) p_a). v_a is zero at row b + 1 (H rows are zero-initialized).
   for (int64_t r = 0; r < k; ++r)
     for (int64_t c = 0; c < k; ++c) S::store(elem(Q, k, r, c), r == c ? one : zero);
-  for (int64_t j = k - 3; j >= 0; --j) {
-    const int64_t j1 = j + 1;
-    const double* v = elem(H, k, j, 0);
-    const DVec t = S::load(tau + j * kDL);
-    int64_t c = j1;
-    for (; c + 4 <= k; c += 4) {  // p = tau v^T Q', four columns at a time
-      DVec a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-      for (int64_t r = j1; r < k; ++r) {
-        const DVec vr = S::load(v + r * kDL);
+  double* pa = p;
+  double* pb = tau + k * kDL;  // second half of the scratch (tau holds 2 k vectors)
+  for (int64_t a = k - 3; a >= 0; a -= 2) {
+    const int64_t b = a - 1, j0 = a;  // rows/columns touched: j0..k-1 (b + 1 = a)
+    const double* va = elem(H, k, a, 0);
+    const double* vb = b >= 0 ? elem(H, k, b, 0) : va;  // no b: p_b = 0 below
+    const DVec ta = S::load(tau + a * kDL), tb = b >= 0 ? S::load(tau + b * kDL) : zero;
+    DVec vab = zero;
+    for (int64_t r = j0; r < k; ++r) vab = S::fmadd(S::load(va + r * kDL), S::load(vb + r * kDL), vab);
+    int64_t c = j0;
+    for (; c < k; c += 2) {  // u_a = Q^T v_a, u_b = Q^T v_b, two columns at a time
+      const bool two = c + 1 < k;
+      DVec a0 = zero, a1 = zero, b0 = zero, b1 = zero;
+      for (int64_t r = j0; r < k; ++r) {
         const double* q = elem(Q, k, r, c);
-        a0 = S::fmadd(vr, S::load(q), a0);
-        a1 = S::fmadd(vr, S::load(q + kDL), a1);
-        a2 = S::fmadd(vr, S::load(q + 2 * kDL), a2);
-        a3 = S::fmadd(vr, S::load(q + 3 * kDL), a3);
+        const DVec x = S::load(va + r * kDL), y = S::load(vb + r * kDL);
+        const DVec q0 = S::load(q), q1 = two ? S::load(q + kDL) : zero;
+        a0 = S::fmadd(x, q0, a0);
+        a1 = S::fmadd(x, q1, a1);
+        b0 = S::fmadd(y, q0, b0);
+        b1 = S::fmadd(y, q1, b1);
       }
-      S::store(p + c * kDL, t * a0);
-      S::store(p + (c + 1) * kDL, t * a1);
-      S::store(p + (c + 2) * kDL, t * a2);
-      S::store(p + (c + 3) * kDL, t * a3);
+      const DVec p0 = ta * a0, p1 = ta * a1;
+      S::store(pa + c * kDL, p0);
+      S::store(pb + c * kDL, tb * S::fnmadd(vab, p0, b0));
+      if (two) {
+        S::store(pa + (c + 1) * kDL, p1);
+        S::store(pb + (c + 1) * kDL, tb * S::fnmadd(vab, p1, b1));
+      }
     }
-    for (; c < k; ++c) {
-      DVec a0 = zero;
-      for (int64_t r = j1; r < k; ++r) a0 = S::fmadd(S::load(v + r * kDL), S::load(elem(Q, k, r, c)), a0);
-      S::store(p + c * kDL, t * a0);
-    }
-    for (int64_t r = j1; r < k; ++r) {  // Q' -= v p^T
-      const DVec vr = S::load(v + r * kDL);
+    for (int64_t r = j0; r < k; ++r) {
+      const DVec x = S::load(va + r * kDL), y = S::load(vb + r * kDL);
       double* qr = elem(Q, k, r, 0);
-      for (c = j1; c < k; ++c) S::store(qr + c * kDL, S::fnmadd(vr, S::load(p + c * kDL), S::load(qr + c * kDL)));
+      for (c = j0; c < k; ++c) {
+        const DVec q = S::fnmadd(x, S::load(pa + c * kDL), S::load(qr + c * kDL));
+        S::store(qr + c * kDL, S::fnmadd(y, S::load(pb + c * kDL), q));
+      }
     }
   }
 }
@@ -547,7 +558,7 @@ struct GramWork {
   std::vector<double> Wn, B, H, Q, d, e, tau, p, cs, lam, inv_n2;
   std::vector<int64_t> order;
   GramWork(int64_t l, int64_t k)
-      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), d(k * kDL), e(k * kDL), tau(k * kDL), p(k * kDL),
+      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), d(k * kDL), e(k * kDL), tau(2 * k * kDL), p(k * kDL),
         cs(2 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
 };
 
