@@ -402,10 +402,12 @@ __attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, d
   }
 }
 
-// Q <- Q G_lo ... G_{hi-1}, rotation i = (c_i, s_i) mixing columns i and i+1. Each row is one
-// pass with the running column in a register (one load and one store per rotation); four rows
-// at a time so that the dependent chains overlap.
-__attribute__((noinline)) void apply_rotations(double* Q, const double* cs, int64_t k, int64_t lo, int64_t hi) {
+// Q <- Q G_lo ... G_{hi-1} with Q kept as Qs diag(D) (column scales D): rotation i, i.e.
+// (c, s) mixing columns i and i+1, is c ([q_i, q_{i+1}] + t [q_{i+1}, -q_i]) with t = s / c, so
+// with the c's moved into D it costs two FMAs per row (ab: alpha_i = t D_{i+1} / D_i,
+// beta_i = t D_i / D_{i+1}, see tridiagonal_qr). Each row is one pass with the running column in
+// a register (one load and one store per rotation); four rows at a time to overlap the chains.
+__attribute__((noinline)) void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t hi) {
   using S = DLanes;
   int64_t r = 0;
   for (; r + 4 <= k; r += 4) {
@@ -416,17 +418,17 @@ __attribute__((noinline)) void apply_rotations(double* Q, const double* cs, int6
     DVec x0 = S::load(q0 + lo * kDL), x1 = S::load(q1 + lo * kDL), x2 = S::load(q2 + lo * kDL),
          x3 = S::load(q3 + lo * kDL);
     for (int64_t i = lo; i < hi; ++i) {
-      const DVec c = S::load(cs + 2 * i * kDL), s = S::load(cs + (2 * i + 1) * kDL);
+      const DVec al = S::load(ab + 2 * i * kDL), be = S::load(ab + (2 * i + 1) * kDL);
       const int64_t o = (i + 1) * kDL;
       const DVec y0 = S::load(q0 + o), y1 = S::load(q1 + o), y2 = S::load(q2 + o), y3 = S::load(q3 + o);
-      S::store(q0 + o - kDL, S::fmadd(s, y0, c * x0));
-      S::store(q1 + o - kDL, S::fmadd(s, y1, c * x1));
-      S::store(q2 + o - kDL, S::fmadd(s, y2, c * x2));
-      S::store(q3 + o - kDL, S::fmadd(s, y3, c * x3));
-      x0 = S::fnmadd(s, x0, c * y0);
-      x1 = S::fnmadd(s, x1, c * y1);
-      x2 = S::fnmadd(s, x2, c * y2);
-      x3 = S::fnmadd(s, x3, c * y3);
+      S::store(q0 + o - kDL, S::fmadd(al, y0, x0));
+      S::store(q1 + o - kDL, S::fmadd(al, y1, x1));
+      S::store(q2 + o - kDL, S::fmadd(al, y2, x2));
+      S::store(q3 + o - kDL, S::fmadd(al, y3, x3));
+      x0 = S::fnmadd(be, x0, y0);
+      x1 = S::fnmadd(be, x1, y1);
+      x2 = S::fnmadd(be, x2, y2);
+      x3 = S::fnmadd(be, x3, y3);
     }
     S::store(q0 + hi * kDL, x0);
     S::store(q1 + hi * kDL, x1);
@@ -437,10 +439,10 @@ __attribute__((noinline)) void apply_rotations(double* Q, const double* cs, int6
     double* q = elem(Q, k, r, 0);
     DVec x = S::load(q + lo * kDL);
     for (int64_t i = lo; i < hi; ++i) {
-      const DVec c = S::load(cs + 2 * i * kDL), s = S::load(cs + (2 * i + 1) * kDL);
+      const DVec al = S::load(ab + 2 * i * kDL), be = S::load(ab + (2 * i + 1) * kDL);
       const DVec y = S::load(q + (i + 1) * kDL);
-      S::store(q + i * kDL, S::fmadd(s, y, c * x));
-      x = S::fnmadd(s, x, c * y);
+      S::store(q + i * kDL, S::fmadd(al, y, x));
+      x = S::fnmadd(be, x, y);
     }
     S::store(q + hi * kDL, x);
   }
@@ -453,12 +455,14 @@ __attribute__((noinline)) void apply_rotations(double* Q, const double* cs, int6
 // like the rounding of B itself. Returns the lanes that had not split at some hi after max_steps
 // steps (0 = converged). cs: 2 k lane vectors of scratch.
 std::atomic<int64_t> g_rot{0}, g_steps{0}, g_groups{0};
-__attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* Q, double* cs, int64_t k, int64_t max_steps) {
+__attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* Q, double* D, double* ab, int64_t k,
+                                                  int64_t max_steps) {
   using S = DLanes;
   const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5), two = S::set1(2.0);
   DVec trace = zero;
   for (int64_t i = 0; i < k; ++i) trace = trace + S::abs(S::load(d + i * kDL));
   const DVec tol = S::set1(std::numeric_limits<double>::epsilon()) * trace;
+  for (int64_t i = 0; i < k; ++i) S::store(D + i * kDL, one);
   int64_t hi = k - 1, steps = 0;
   while (hi > 0) {
     for (int64_t i = 0; i < hi; ++i) {
@@ -509,12 +513,27 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
         bulge = s * en;
         ei = c * en;
       }
-      S::store(cs + 2 * i * kDL, c);
-      S::store(cs + (2 * i + 1) * kDL, s);
+      // Scaled rotation for Q (apply_rotations); |c| is kept >= 1e-30 (a change of the rotation
+      // far below rounding) so that t = s / c stays finite.
+      const DVec cq = S::blend_gt(S::abs(c), S::set1(1e-30), S::set1(1e-30), c);
+      const DVec Di = S::load(D + i * kDL), Dn = S::load(D + (i + 1) * kDL);
+      const DVec q = s / (cq * Di * Dn);
+      S::store(ab + 2 * i * kDL, q * Dn * Dn);
+      S::store(ab + (2 * i + 1) * kDL, q * Di * Di);
+      S::store(D + i * kDL, cq * Di);
+      S::store(D + (i + 1) * kDL, cq * Dn);
     }
     S::store(d + hi * kDL, di);
     S::store(e + (hi - 1) * kDL, eprev);
-    apply_rotations(Q, cs, k, lo_min, hi);
+    apply_rotations(Q, ab, k, lo_min, hi);
+    // The scales only shrink (|c| <= 1): fold them into Q's columns long before they underflow.
+    for (int64_t i = lo_min; i <= hi; ++i) {
+      const DVec Di = S::load(D + i * kDL);
+      if (!S::gt_mask(S::set1(1e-100), S::abs(Di))) continue;
+      const DVec f = S::blend_gt(S::set1(1e-100), S::abs(Di), one, Di);
+      for (int64_t r = 0; r < k; ++r) S::store(elem(Q, k, r, i), S::load(elem(Q, k, r, i)) * f);
+      S::store(D + i * kDL, Di / f);
+    }
     g_rot += hi - lo_min; g_steps += 1;
   }
   return 0;
@@ -555,10 +574,10 @@ __attribute__((noinline)) void gemm_wv(const double* W, const double* Vm, double
 
 // Scratch of gram_svd_group, allocated once per thread.
 struct GramWork {
-  std::vector<double> Wn, B, H, Q, d, e, tau, p, cs, lam, inv_n2;
+  std::vector<double> Wn, B, H, Q, D, d, e, tau, p, cs, lam, inv_n2;
   std::vector<int64_t> order;
   GramWork(int64_t l, int64_t k)
-      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), d(k * kDL), e(k * kDL), tau(2 * k * kDL), p(k * kDL),
+      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), D(k * kDL), d(k * kDL), e(k * kDL), tau(2 * k * kDL), p(k * kDL),
         cs(2 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
 };
 
@@ -592,7 +611,8 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
     for (int64_t b = 0; b <= a; b += 2) gram_tile(a, b, a + 1 < k, b + 1 < k);
   tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(), k);
   g_groups += 1;
-  const unsigned failing = tridiagonal_qr(ws.d.data(), ws.e.data(), ws.Q.data(), ws.cs.data(), k, max_steps);
+  const unsigned failing =
+      tridiagonal_qr(ws.d.data(), ws.e.data(), ws.Q.data(), ws.D.data(), ws.cs.data(), k, max_steps);
   // Per lane: eigenvalues descending; V's columns in that order (column-major for the unpack).
   for (int lane = 0; lane < kDL; ++lane) {
     auto lam = [&](int64_t j) { return ws.d[j * kDL + lane]; };
@@ -601,7 +621,8 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
     for (int64_t c = 0; c < k; ++c) {
       const int64_t src = ws.order[c];
       ws.lam[c * kDL + lane] = std::max(lam(src), 0.0);
-      for (int64_t r = 0; r < k; ++r) Vm[(c * k + r) * kDL + lane] = ws.Q[(r * k + src) * kDL + lane];
+      const double scale = ws.D[src * kDL + lane];
+      for (int64_t r = 0; r < k; ++r) Vm[(c * k + r) * kDL + lane] = ws.Q[(r * k + src) * kDL + lane] * scale;
     }
   }
   gemm_wv(W.data(), Vm, ws.Wn.data(), l, k);
