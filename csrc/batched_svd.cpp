@@ -39,6 +39,9 @@
 #include <optional>
 #include <string>
 #include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace lowrank {
@@ -682,6 +685,26 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
 }
 
 // T: element type of A and the results; C: compute type of the Jacobi sweeps (lanes).
+// Largest |entry| of a[0..count) and whether all entries are finite, from the bit patterns: for
+// non-negative floats the integer order is the value order (NaN and inf above the largest
+// finite value), and an integer max reduction vectorizes.
+template <typename T>
+std::pair<T, bool> abs_max(const T* a, int64_t count) {
+  using I = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr I magnitude = ~(I(1) << (8 * sizeof(T) - 1));
+  I top = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    I bits;
+    std::memcpy(&bits, a + i, sizeof(T));
+    top = std::max<I>(top, bits & magnitude);
+  }
+  T amax, largest = std::numeric_limits<T>::max();
+  I largest_bits;
+  std::memcpy(&amax, &top, sizeof(T));
+  std::memcpy(&largest_bits, &largest, sizeof(T));
+  return {amax, top <= largest_bits};
+}
+
 // gram: the Gram route (double lanes only) instead of Jacobi; max_sweeps then bounds the QR steps
 // per eigenvalue.
 template <typename T, typename C>
@@ -720,32 +743,25 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
     if (gram) gram_work.emplace(l, k);
     for (int64_t g = g0; g < g1; ++g) {
       // Pack: lane = matrix. Padding lanes and non-finite matrices are zero (converge at once).
+      const T* src[L];
       for (int lane = 0; lane < L; ++lane) {
         const int64_t b = g * L + lane;
-        T amax = 0;
-        bool ok = true;
-        if (b < batch) {
-          const T* a = A + b * m * n;
-          for (int64_t i = 0; i < m * n; ++i) {
-            const T v = std::abs(a[i]);
-            if (!(v <= std::numeric_limits<T>::max())) ok = false;  // NaN or inf
-            amax = std::max(amax, v);
-          }
-        }
+        const auto [amax, ok] = b < batch ? abs_max(A + b * m * n, m * n) : std::pair<T, bool>{T(0), true};
         finite[lane] = ok;
+        src[lane] = b < batch && ok ? A + b * m * n : nullptr;
         int e = 0;
         if (ok && amax > 0) std::frexp(double(amax), &e);
         scale[lane] = std::ldexp(1.0, -e);  // power of two: exact
-        const double sc = scale[lane];
-        for (int64_t j = 0; j < k; ++j)
-          for (int64_t i = 0; i < l; ++i) {
-            double v = 0;
-            if (b < batch && ok) v = wide ? A[b * m * n + j * n + i] : A[b * m * n + i * n + j];
-            W[(j * l + i) * L + lane] = C(v * sc);
-          }
-        for (int64_t j = 0; j < k; ++j)
-          for (int64_t i = 0; i < k; ++i) Vm[(j * k + i) * L + lane] = i == j ? C(1) : C(0);
       }
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t i = 0; i < l; ++i) {
+          const int64_t at = wide ? j * n + i : i * n + j;
+          for (int lane = 0; lane < L; ++lane)
+            W[(j * l + i) * L + lane] = src[lane] ? C(double(src[lane][at]) * scale[lane]) : C(0);
+        }
+      if (!gram)
+        for (int64_t j = 0; j < k; ++j)
+          for (int64_t i = 0; i < k; ++i) Simd::store(Vm.data() + (j * k + i) * L, Simd::set1(i == j ? C(1) : C(0)));
 
       unsigned rotating = 0;
       if constexpr (std::is_same_v<C, double>) {
