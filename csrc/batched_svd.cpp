@@ -410,10 +410,11 @@ __attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, d
 // with the c's moved into D it costs two FMAs per row (ab: alpha_i = t D_{i+1} / D_i,
 // beta_i = t D_i / D_{i+1}, see tridiagonal_qr). Each row is one pass with the running column in
 // a register (one load and one store per rotation); four rows at a time to overlap the chains.
-__attribute__((noinline)) void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t hi) {
+// Rows r0..r1-1 only (r0 a multiple of 4), so that the work can be spread over the next chase.
+void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t hi, int64_t r0, int64_t r1) {
   using S = DLanes;
-  int64_t r = 0;
-  for (; r + 4 <= k; r += 4) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
     double* q0 = elem(Q, k, r, 0);
     double* q1 = q0 + k * kDL;
     double* q2 = q1 + k * kDL;
@@ -438,7 +439,7 @@ __attribute__((noinline)) void apply_rotations(double* Q, const double* ab, int6
     S::store(q2 + hi * kDL, x2);
     S::store(q3 + hi * kDL, x3);
   }
-  for (; r < k; ++r) {
+  for (; r < r1; ++r) {
     double* q = elem(Q, k, r, 0);
     DVec x = S::load(q + lo * kDL);
     for (int64_t i = lo; i < hi; ++i) {
@@ -457,6 +458,7 @@ __attribute__((noinline)) void apply_rotations(double* Q, const double* ab, int6
 // every lane has split there. Off-diagonal entries below eps * trace(T) count as zero: norm-wise,
 // like the rounding of B itself. Returns the lanes that had not split at some hi after max_steps
 // steps (0 = converged). cs: 2 k lane vectors of scratch.
+bool g_interleave = !std::getenv("LOWRANK_NOINTER");
 std::atomic<int64_t> g_rot{0}, g_steps{0}, g_groups{0};
 __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* Q, double* D, double* ab, int64_t k,
                                                   int64_t max_steps) {
@@ -466,6 +468,14 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
   for (int64_t i = 0; i < k; ++i) trace = trace + S::abs(S::load(d + i * kDL));
   const DVec tol = S::set1(std::numeric_limits<double>::epsilon()) * trace;
   for (int64_t i = 0; i < k; ++i) S::store(D + i * kDL, one);
+  // The rotations of a step are applied to Q during the next step's chase (a latency-bound
+  // chain that leaves the FMA units idle): `pending` rows of Q still lack the previous step.
+  double* ab_next = ab + 2 * k * kDL;
+  int64_t plo = 0, phi = 0, pending_from = k;
+  auto catch_up = [&](int64_t upto) {
+    if (pending_from < upto) apply_rotations(Q, ab, k, plo, phi, pending_from, upto);
+    pending_from = std::max(pending_from, upto);
+  };
   int64_t hi = k - 1, steps = 0;
   while (hi > 0) {
     for (int64_t i = 0; i < hi; ++i) {
@@ -477,7 +487,10 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
       steps = 0;
     }
     if (hi == 0) break;
-    if (++steps > max_steps) return S::gt_mask(S::abs(S::load(e + (hi - 1) * kDL)), zero);
+    if (++steps > max_steps) {
+      catch_up(k);
+      return S::gt_mask(S::abs(S::load(e + (hi - 1) * kDL)), zero);
+    }
     // lo: first row of each lane's unreduced block ending at hi (hi itself if it split there).
     DVec lo = zero;
     for (int64_t i = 1; i <= hi; ++i) lo = S::blend_gt(S::abs(S::load(e + (i - 1) * kDL)), zero, S::set1(double(i)), lo);
@@ -521,24 +534,31 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
       const DVec cq = S::blend_gt(S::abs(c), S::set1(1e-30), S::set1(1e-30), c);
       const DVec Di = S::load(D + i * kDL), Dn = S::load(D + (i + 1) * kDL);
       const DVec q = s / (cq * Di * Dn);
-      S::store(ab + 2 * i * kDL, q * Dn * Dn);
-      S::store(ab + (2 * i + 1) * kDL, q * Di * Di);
+      S::store(ab_next + 2 * i * kDL, q * Dn * Dn);
+      S::store(ab_next + (2 * i + 1) * kDL, q * Di * Di);
       S::store(D + i * kDL, cq * Di);
       S::store(D + (i + 1) * kDL, cq * Dn);
+      if (!std::getenv("LOWRANK_NOINTER")) catch_up(std::min(k, ((i - lo_min + 1) * k / (hi - lo_min) + 3) / 4 * 4));
     }
     S::store(d + hi * kDL, di);
     S::store(e + (hi - 1) * kDL, eprev);
-    apply_rotations(Q, ab, k, lo_min, hi);
+    catch_up(k);
+    std::swap(ab, ab_next);
+    plo = lo_min;
+    phi = hi;
+    pending_from = 0;
     // The scales only shrink (|c| <= 1): fold them into Q's columns long before they underflow.
     for (int64_t i = lo_min; i <= hi; ++i) {
       const DVec Di = S::load(D + i * kDL);
       if (!S::gt_mask(S::set1(1e-100), S::abs(Di))) continue;
+      catch_up(k);
       const DVec f = S::blend_gt(S::set1(1e-100), S::abs(Di), one, Di);
       for (int64_t r = 0; r < k; ++r) S::store(elem(Q, k, r, i), S::load(elem(Q, k, r, i)) * f);
       S::store(D + i * kDL, Di / f);
     }
     g_rot += hi - lo_min; g_steps += 1;
   }
+  catch_up(k);
   return 0;
 }
 
@@ -581,7 +601,7 @@ struct GramWork {
   std::vector<int64_t> order;
   GramWork(int64_t l, int64_t k)
       : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), D(k * kDL), d(k * kDL), e(k * kDL), tau(2 * k * kDL), p(k * kDL),
-        cs(2 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
+        cs(4 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
 };
 
 // The Gram route on one group of packed matrices W (l x k, column-major, lane = matrix).
