@@ -1,28 +1,35 @@
-// Batched thin SVD on CPU: one-sided (Hestenes) Jacobi, vectorized ACROSS matrices.
+// Batched thin SVD on CPU, vectorized ACROSS matrices.
 //
 // A group of L matrices is packed in a structure-of-arrays buffer where lane = matrix, so
-// every rotation updates L matrices with one vector instruction and tiny sizes (3x3 ...
-// 16x16) need no horizontal reductions. Lanes are doubles (4 per AVX2 register) for float64
-// and for float32 -- float rounding in the rotations would leave ||V^T V - I|| ~ 1e-4 at
-// 64 x 64 -- except float32 with max(m, n) <= 8, which uses float lanes (8 per register;
-// errors ~3e-6 there). Groups are spread over threads with at::parallel_for.
+// every operation updates L matrices with one vector instruction and tiny sizes (3x3 ...
+// 16x16) need no horizontal reductions. Groups are spread over threads with at::parallel_for.
+// Two algorithms share the packing and the unpacking (sort, signs, completion):
+//
+// * One-sided (Hestenes) Jacobi: float64, and float32 with max(m, n) <= 8. Lanes are doubles
+//   (4 per AVX2 register) for float64; float32 up to 8 x 8 uses float lanes (8 per register;
+//   errors ~3e-6 there -- float rotations would leave ||V^T V - I|| ~ 1e-4 at 64 x 64).
+// * The Gram route (gram_svd_group): float32 beyond 8 x 8. B = W^T W in double lanes,
+//   Householder tridiagonalization + implicit QR for B = V diag(sigma^2) V^T, W V = U diag(sigma)
+//   with a Gram-Schmidt repair where the columns lost orthogonality. ~10 k^3 flops instead of
+//   Jacobi's ~90 k^3; accurate norm-wise (what float32 results need), not to float64's 1e-12.
 //
 // Per matrix A (m x n), with k = min(m, n) and l = max(m, n):
 //   * W = A (tall/square) or A^T (wide), an l x k matrix scaled by a power of two so its
 //     largest entry is in [0.5, 1) (exact; avoids overflow/underflow in the dot products);
-//   * sweeps over column pairs (p, q) in round-robin order: rotate when
+//   * Jacobi: sweeps over column pairs (p, q) in round-robin order: rotate when
 //     |w_p.w_q| > tol * |w_p| |w_q|, accumulating the rotations into V (k x k); stop when a
 //     sweep rotates nothing in any lane of the group, or report non-convergence (RuntimeError
-//     naming the matrix) after max_sweeps sweeps;
+//     naming the matrix) after max_sweeps sweeps. Gram route: max_sweeps bounds the QR steps
+//     per eigenvalue instead;
 //   * sigma_j = |w_j|, the columns w_j / sigma_j are the singular vectors on the long side,
 //     V those on the short side; sort descending and fix signs (largest entry of each right
 //     singular vector positive). Numerically zero columns (sigma_j <= sigma_max * eps^2, or
 //     at the float rounding floor in float lanes) are replaced by an orthonormal completion,
 //     so U^T U = I always holds.
 //   * Matrices with a NaN/inf entry are not iterated: their U, S, Vh are all NaN.
-// The Jacobi kernel handles min(m, n) <= 64 (its SoA buffer, l*k + k*k vectors per group,
-// stays in L1/L2 there; max(m, n) is unlimited); larger matrices take LAPACK with the same
-// contract applied on top (lapack_fallback below).
+// Both handle min(m, n) <= 64 (the SoA buffers, a few l*k and k*k vectors per group, stay in
+// L2 there; max(m, n) is unlimited); larger matrices take LAPACK with the same contract applied
+// on top (lapack_fallback below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,8 +44,6 @@
 #include <limits>
 #include <numeric>
 #include <optional>
-#include <string>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -50,8 +55,8 @@ namespace {
 using at::Tensor;
 
 // ---- SIMD lanes: one lane per matrix (4 doubles with AVX2, scalar fallback otherwise). ------
-// All arithmetic is double: float32 input would otherwise stall at a rounding-noise floor of
-// about sqrt(l) * 1e-7 in w_p.w_q, which is too coarse for ||U^T U - I|| <= 1e-5 at 64 x 64.
+// Float lanes only for float32 Jacobi up to 8 x 8: beyond, float Jacobi stalls at a rounding-noise
+// floor of about sqrt(l) * 1e-7 in w_p.w_q, too coarse for ||U^T U - I|| <= 1e-5 at 64 x 64.
 template <typename T>
 struct Lanes {
   using V = T;
@@ -291,10 +296,11 @@ inline int64_t lane_min(DVec v) {
 }
 
 // Householder reduction Q^T B Q = tridiag(d, e) of the symmetric B (k x k, row-major, lower
-// triangle used and overwritten); Q (row-major) is formed explicitly. Row j of H keeps the j-th Householder vector
-// (entries j+1..k-1, contiguous for the inner loops; H zero-initialized). tau: 2 k, p: k lane
-// vectors of scratch.
-__attribute__((noinline)) void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, double* tau, double* p, int64_t k) {
+// triangle used and overwritten); Q (row-major) is formed explicitly. Row j of H keeps the j-th
+// Householder vector (entries j+1..k-1, contiguous for the inner loops; H zero-initialized).
+// tau: 2 k, p: k lane vectors of scratch.
+void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, double* tau, double* p,
+                    int64_t k) {
   using S = DLanes;
   const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5);
   for (int64_t j = 0; j + 2 < k; ++j) {
@@ -452,16 +458,13 @@ void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t
   }
 }
 
-// Implicit symmetric QR with Wilkinson shifts on tridiag(d, e) (GVL Alg. 8.3.3), rotations
-// accumulated into the columns of Q. All lanes step together: each lane chases its own bulge from
-// the top of its unreduced block ending at row hi (identity rotations above it); hi moves up once
-// every lane has split there. Off-diagonal entries below eps * trace(T) count as zero: norm-wise,
-// like the rounding of B itself. Returns the lanes that had not split at some hi after max_steps
-// steps (0 = converged). cs: 2 k lane vectors of scratch.
-bool g_interleave = !std::getenv("LOWRANK_NOINTER");
-std::atomic<int64_t> g_rot{0}, g_steps{0}, g_groups{0};
-__attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* Q, double* D, double* ab, int64_t k,
-                                                  int64_t max_steps) {
+// Implicit symmetric QR steps with Wilkinson shifts (Golub & Van Loan) on tridiag(d, e),
+// rotations accumulated into the columns of Q diag(D). All lanes step together: each lane chases
+// its own bulge from the top of its unreduced block ending at row hi (identity rotations above
+// it); hi moves up once every lane has split there. Off-diagonal entries below eps * trace(T)
+// count as zero: norm-wise, like the rounding of B itself. Returns the lanes that had not split
+// at some hi after max_steps steps (0 = converged). ab: 4 k lane vectors of scratch.
+unsigned tridiagonal_qr(double* d, double* e, double* Q, double* D, double* ab, int64_t k, int64_t max_steps) {
   using S = DLanes;
   const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5), two = S::set1(2.0);
   DVec trace = zero;
@@ -493,7 +496,8 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
     }
     // lo: first row of each lane's unreduced block ending at hi (hi itself if it split there).
     DVec lo = zero;
-    for (int64_t i = 1; i <= hi; ++i) lo = S::blend_gt(S::abs(S::load(e + (i - 1) * kDL)), zero, S::set1(double(i)), lo);
+    for (int64_t i = 1; i <= hi; ++i)
+      lo = S::blend_gt(S::abs(S::load(e + (i - 1) * kDL)), zero, S::set1(double(i)), lo);
     const int64_t lo_min = lane_min(lo);
     // Wilkinson shift: the eigenvalue of the trailing 2 x 2 block closer to d_hi.
     const DVec a = S::load(d + (hi - 1) * kDL), b = S::load(d + hi * kDL), f = S::load(e + (hi - 1) * kDL);
@@ -538,7 +542,7 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
       S::store(ab_next + (2 * i + 1) * kDL, q * Di * Di);
       S::store(D + i * kDL, cq * Di);
       S::store(D + (i + 1) * kDL, cq * Dn);
-      if (!std::getenv("LOWRANK_NOINTER")) catch_up(std::min(k, ((i - lo_min + 1) * k / (hi - lo_min) + 3) / 4 * 4));
+      catch_up(std::min(k, ((i - lo_min + 1) * k / (hi - lo_min) + 3) / 4 * 4));
     }
     S::store(d + hi * kDL, di);
     S::store(e + (hi - 1) * kDL, eprev);
@@ -556,7 +560,6 @@ __attribute__((noinline)) unsigned tridiagonal_qr(double* d, double* e, double* 
       for (int64_t r = 0; r < k; ++r) S::store(elem(Q, k, r, i), S::load(elem(Q, k, r, i)) * f);
       S::store(D + i * kDL, Di / f);
     }
-    g_rot += hi - lo_min; g_steps += 1;
   }
   catch_up(k);
   return 0;
@@ -580,7 +583,7 @@ inline void gemm_tile(const double* W, const double* Vm, double* Wn, int64_t l, 
     for (int b = 0; b < CC; ++b) S::store(Wn + ((c + b) * l + i + a) * kDL, acc[a][b]);
 }
 
-__attribute__((noinline)) void gemm_wv(const double* W, const double* Vm, double* Wn, int64_t l, int64_t k) {
+void gemm_wv(const double* W, const double* Vm, double* Wn, int64_t l, int64_t k) {
   for (int64_t c = 0; c < k; c += 2) {
     const bool pair = c + 1 < k;
     int64_t i = 0;
@@ -597,11 +600,11 @@ __attribute__((noinline)) void gemm_wv(const double* W, const double* Vm, double
 
 // Scratch of gram_svd_group, allocated once per thread.
 struct GramWork {
-  std::vector<double> Wn, B, H, Q, D, d, e, tau, p, cs, lam, inv_n2;
+  std::vector<double> Wn, B, H, Q, D, d, e, tau, p, ab, lam, inv_n2;
   std::vector<int64_t> order;
   GramWork(int64_t l, int64_t k)
-      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), D(k * kDL), d(k * kDL), e(k * kDL), tau(2 * k * kDL), p(k * kDL),
-        cs(4 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
+      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), D(k * kDL), d(k * kDL), e(k * kDL),
+        tau(2 * k * kDL), p(k * kDL), ab(4 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
 };
 
 // The Gram route on one group of packed matrices W (l x k, column-major, lane = matrix).
@@ -632,15 +635,15 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
   };
   for (int64_t a = 0; a < k; a += 2)
     for (int64_t b = 0; b <= a; b += 2) gram_tile(a, b, a + 1 < k, b + 1 < k);
-  tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(), k);
-  g_groups += 1;
+  tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(),
+                 k);
   const unsigned failing =
-      tridiagonal_qr(ws.d.data(), ws.e.data(), ws.Q.data(), ws.D.data(), ws.cs.data(), k, max_steps);
+      tridiagonal_qr(ws.d.data(), ws.e.data(), ws.Q.data(), ws.D.data(), ws.ab.data(), k, max_steps);
   // Per lane: eigenvalues descending; V's columns in that order (column-major for the unpack).
   for (int lane = 0; lane < kDL; ++lane) {
     auto lam = [&](int64_t j) { return ws.d[j * kDL + lane]; };
     std::iota(ws.order.begin(), ws.order.end(), 0);
-    std::stable_sort(ws.order.begin(), ws.order.end(), [&](int64_t x, int64_t y) { return lam(x) > lam(y); });
+    std::stable_sort(ws.order.begin(), ws.order.end(), [&](int64_t a, int64_t b) { return lam(a) > lam(b); });
     for (int64_t c = 0; c < k; ++c) {
       const int64_t src = ws.order[c];
       ws.lam[c * kDL + lane] = std::max(lam(src), 0.0);
@@ -650,8 +653,9 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
   }
   gemm_wv(W.data(), Vm, ws.Wn.data(), l, k);
   // Gram-Schmidt where needed: column j against the earlier columns i with
-  // lambda_i lambda_j < (rho lambda_0)^2 in some lane (the other pairs are orthogonal to ~1e-9
-  // already); a second, full pass when the first one removed more than half of the column.
+  // lambda_i lambda_j < (rho lambda_0)^2 in some lane, i.e. cos(w_i, w_j) ~ gamma lambda_0 /
+  // sqrt(lambda_i lambda_j) could exceed ~1e-9 (the other pairs are orthogonal enough already);
+  // a second, full pass when the first one removed more than half of the column.
   const DVec rho = S::set1(1e-6 * double(l + k));
   const DVec thr = rho * rho * S::load(ws.lam.data()) * S::load(ws.lam.data());
   double* Wn = ws.Wn.data();
@@ -684,7 +688,8 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
     double* wj = Wn + j * l * kDL;
     const DVec lj = S::load(ws.lam.data() + j * kDL);
     DVec keep = zero;  // per lane: how many leading columns need no projection
-    for (int64_t i = 0; i < j; ++i) keep = keep + S::blend_gt(thr, S::load(ws.lam.data() + i * kDL) * lj, one, zero);
+    for (int64_t i = 0; i < j; ++i)
+      keep = keep + S::blend_gt(thr, S::load(ws.lam.data() + i * kDL) * lj, one, zero);
     const int64_t from = lane_min(keep);
     DVec n2 = norm2(wj);
     if (from < j) {
@@ -704,7 +709,6 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
   return failing;
 }
 
-// T: element type of A and the results; C: compute type of the Jacobi sweeps (lanes).
 // Largest |entry| of a[0..count) and whether all entries are finite, from the bit patterns: for
 // non-negative floats the integer order is the value order (NaN and inf above the largest
 // finite value), and an integer max reduction vectorizes.
@@ -725,6 +729,7 @@ std::pair<T, bool> abs_max(const T* a, int64_t count) {
   return {amax, top <= largest_bits};
 }
 
+// T: element type of A and the results; C: compute type of the Jacobi sweeps (lanes).
 // gram: the Gram route (double lanes only) instead of Jacobi; max_sweeps then bounds the QR steps
 // per eigenvalue.
 template <typename T, typename C>
@@ -877,6 +882,7 @@ constexpr int64_t kFloatLanesMaxSize = 8;
 // Beyond min(m, n) = 64 a per-matrix LAPACK call (gesdd) is faster than Jacobi here
 // (measured: 0.45x at 64 x 64 single-threaded CPU time, 0.2x at 128 x 128), so larger
 // matrices take LAPACK, with this op's contract applied on top (NaN rows, signs, truncation).
+// (The float32 Gram route is faster than LAPACK at 64 x 64 but keeps the same limit.)
 constexpr int64_t kJacobiMaxSize = 64;
 
 std::tuple<Tensor, Tensor, Tensor> lapack_fallback(const Tensor& A, int64_t rank) {
@@ -925,11 +931,12 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   if (k > kJacobiMaxSize) return lapack_fallback(A, rank);
   const Tensor Ac = A.contiguous();
   std::atomic<int64_t> failed{std::numeric_limits<int64_t>::max()};
-  if (std::getenv("LOWRANK_STATS")) { fprintf(stderr, "groups %ld steps %ld rot %ld\n", (long)g_groups, (long)g_steps, (long)g_rot); g_groups = 0; g_steps = 0; g_rot = 0; }
-  const char* force = std::getenv("LOWRANK_SVD_PATH");  // TEMP experiment switch
-  const std::string path = force ? force : "";
-  const bool gram = A.scalar_type() == at::kFloat && path != "jacobi" && !(path == "" && std::max(m, n) <= kFloatLanesMaxSize);
-  if (A.scalar_type() == at::kFloat && !gram && std::max(m, n) <= kFloatLanesMaxSize) {
+  // float32: float-lane Jacobi up to 8 x 8 (d x d kernel slices, 8 x 8 blocks; twice the matrices
+  // per instruction, rotation rounding ~3e-6 there), the Gram route beyond (3-5x faster than
+  // Jacobi in double lanes from 16 x 16 on). float64: Jacobi in double lanes (the Gram route cannot
+  // reach 1e-12 for ill-conditioned input).
+  const bool gram = A.scalar_type() == at::kFloat && std::max(m, n) > kFloatLanesMaxSize;
+  if (A.scalar_type() == at::kFloat && !gram) {
     batched_svd_kernel<float, float>(Ac.const_data_ptr<float>(), U.mutable_data_ptr<float>(),
                                      S.mutable_data_ptr<float>(), Vh.mutable_data_ptr<float>(), batch, m, n, rank,
                                      max_sweeps, false, failed);
@@ -942,8 +949,8 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   }
   TORCH_CHECK(failed.load() == std::numeric_limits<int64_t>::max(), "batched_svd: ",
               gram ? "tridiagonal QR" : "one-sided Jacobi", " did not converge within max_sweeps=", max_sweeps,
-              gram ? " steps per eigenvalue" : " sweeps", " for matrix ", failed.load(), " of the flattened batch (shape ",
-              A.sizes(), ")");
+              gram ? " steps per eigenvalue" : " sweeps", " for matrix ", failed.load(),
+              " of the flattened batch (shape ", A.sizes(), ")");
   return {U, S, Vh};
 }
 
