@@ -8,10 +8,12 @@
 // * One-sided (Hestenes) Jacobi: float64, and float32 with max(m, n) <= 8. Lanes are doubles
 //   (4 per AVX2 register) for float64; float32 up to 8 x 8 uses float lanes (8 per register;
 //   errors ~3e-6 there -- float rotations would leave ||V^T V - I|| ~ 1e-4 at 64 x 64).
-// * The Gram route (gram_svd_group): float32 beyond 8 x 8. B = W^T W in double lanes,
-//   Householder tridiagonalization + implicit QR for B = V diag(sigma^2) V^T, W V = U diag(sigma)
-//   with a Gram-Schmidt repair where the columns lost orthogonality. ~10 k^3 flops instead of
-//   Jacobi's ~90 k^3; accurate norm-wise (what float32 results need), not to float64's 1e-12.
+// * The Gram route (gram_tridiagonal, tridiagonal_qr, gram_vectors): float32 beyond 8 x 8.
+//   B = W^T W in double lanes, Householder tridiagonalization + implicit QR for
+//   B = V diag(sigma^2) V^T, W V = U diag(sigma) with a Gram-Schmidt repair where the columns
+//   lost orthogonality. ~10 k^3 flops instead of Jacobi's ~90 k^3; accurate norm-wise (what
+//   float32 results need), not to float64's 1e-12. Two groups at a time, so that the two
+//   latency-bound QR chases interleave.
 //
 // Per matrix A (m x n), with k = min(m, n) and l = max(m, n):
 //   * W = A (tall/square) or A^T (wide), an l x k matrix scaled by a power of two so its
@@ -416,11 +418,10 @@ void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, doubl
 // with the c's moved into D it costs two FMAs per row (ab: alpha_i = t D_{i+1} / D_i,
 // beta_i = t D_i / D_{i+1}, see tridiagonal_qr). Each row is one pass with the running column in
 // a register (one load and one store per rotation); four rows at a time to overlap the chains.
-// Rows r0..r1-1 only (r0 a multiple of 4), so that the work can be spread over the next chase.
-void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t hi, int64_t r0, int64_t r1) {
+void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t hi) {
   using S = DLanes;
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
+  int64_t r = 0;
+  for (; r + 4 <= k; r += 4) {
     double* q0 = elem(Q, k, r, 0);
     double* q1 = q0 + k * kDL;
     double* q2 = q1 + k * kDL;
@@ -445,7 +446,7 @@ void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t
     S::store(q2 + hi * kDL, x2);
     S::store(q3 + hi * kDL, x3);
   }
-  for (; r < r1; ++r) {
+  for (; r < k; ++r) {
     double* q = elem(Q, k, r, 0);
     DVec x = S::load(q + lo * kDL);
     for (int64_t i = lo; i < hi; ++i) {
@@ -458,29 +459,29 @@ void apply_rotations(double* Q, const double* ab, int64_t k, int64_t lo, int64_t
   }
 }
 
-// Implicit symmetric QR steps with Wilkinson shifts (Golub & Van Loan) on tridiag(d, e),
-// rotations accumulated into the columns of Q diag(D). All lanes step together: each lane chases
-// its own bulge from the top of its unreduced block ending at row hi (identity rotations above
-// it); hi moves up once every lane has split there. Off-diagonal entries below eps * trace(T)
-// count as zero: norm-wise, like the rounding of B itself. Returns the lanes that had not split
-// at some hi after max_steps steps (0 = converged). ab: 4 k lane vectors of scratch.
-unsigned tridiagonal_qr(double* d, double* e, double* Q, double* D, double* ab, int64_t k, int64_t max_steps) {
-  using S = DLanes;
-  const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5), two = S::set1(2.0);
-  DVec trace = zero;
-  for (int64_t i = 0; i < k; ++i) trace = trace + S::abs(S::load(d + i * kDL));
-  const DVec tol = S::set1(std::numeric_limits<double>::epsilon()) * trace;
-  for (int64_t i = 0; i < k; ++i) S::store(D + i * kDL, one);
-  // The rotations of a step are applied to Q during the next step's chase (a latency-bound
-  // chain that leaves the FMA units idle): `pending` rows of Q still lack the previous step.
-  double* ab_next = ab + 2 * k * kDL;
-  int64_t plo = 0, phi = 0, pending_from = k;
-  auto catch_up = [&](int64_t upto) {
-    if (pending_from < upto) apply_rotations(Q, ab, k, plo, phi, pending_from, upto);
-    pending_from = std::max(pending_from, upto);
-  };
-  int64_t hi = k - 1, steps = 0;
-  while (hi > 0) {
+// One group's state in tridiagonal_qr (the chase registers are the caller's locals).
+struct QrGroup {
+  double *d, *e, *Q, *D, *ab;
+  int64_t k, max_steps;
+  DVec tol, lo, mu;
+  int64_t hi, steps = 0, lo_min = 0;
+  unsigned failing = 0;
+  bool done = false;
+
+  QrGroup(double* d_, double* e_, double* Q_, double* D_, double* ab_, int64_t k_, int64_t max_steps_)
+      : d(d_), e(e_), Q(Q_), D(D_), ab(ab_), k(k_), max_steps(max_steps_), hi(k_ - 1) {
+    using S = DLanes;
+    DVec trace = S::set1(0.0);
+    for (int64_t i = 0; i < k; ++i) trace = trace + S::abs(S::load(d + i * kDL));
+    tol = S::set1(std::numeric_limits<double>::epsilon()) * trace;
+    for (int64_t i = 0; i < k; ++i) S::store(D + i * kDL, S::set1(1.0));
+  }
+
+  // Deflation and the shift of the next step; false once converged (or failed).
+  bool begin_step() {
+    using S = DLanes;
+    const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5);
+    if (done) return false;
     for (int64_t i = 0; i < hi; ++i) {
       const DVec ei = S::load(e + i * kDL);
       S::store(e + i * kDL, S::blend_gt(S::abs(ei), tol, zero, ei));
@@ -489,80 +490,110 @@ unsigned tridiagonal_qr(double* d, double* e, double* Q, double* D, double* ab, 
       --hi;
       steps = 0;
     }
-    if (hi == 0) break;
-    if (++steps > max_steps) {
-      catch_up(k);
-      return S::gt_mask(S::abs(S::load(e + (hi - 1) * kDL)), zero);
+    if (hi > 0 && ++steps > max_steps) failing = S::gt_mask(S::abs(S::load(e + (hi - 1) * kDL)), zero);
+    if (hi == 0 || failing) {
+      done = true;
+      return false;
     }
     // lo: first row of each lane's unreduced block ending at hi (hi itself if it split there).
-    DVec lo = zero;
+    lo = zero;
     for (int64_t i = 1; i <= hi; ++i)
       lo = S::blend_gt(S::abs(S::load(e + (i - 1) * kDL)), zero, S::set1(double(i)), lo);
-    const int64_t lo_min = lane_min(lo);
+    lo_min = lane_min(lo);
     // Wilkinson shift: the eigenvalue of the trailing 2 x 2 block closer to d_hi.
     const DVec a = S::load(d + (hi - 1) * kDL), b = S::load(d + hi * kDL), f = S::load(e + (hi - 1) * kDL);
     const DVec delta = (a - b) * half;
     DVec den = delta + S::copysign(S::sqrt(S::fmadd(delta, delta, f * f)), delta);
     den = S::blend_gt(S::abs(den), zero, one, den);  // f = 0 and delta = 0: mu = b
-    const DVec mu = b - f * f / den;
-    // The chase is one dependent chain: the updated d_i, e_{i-1}, e_i stay in registers.
-    DVec bulge = zero, eprev = zero;
-    DVec di = S::load(d + lo_min * kDL), ei = S::load(e + lo_min * kDL);
-    for (int64_t i = lo_min; i < hi; ++i) {
-      const DVec iv = S::set1(double(i));
-      const DVec dn = S::load(d + (i + 1) * kDL);
-      // Lanes starting here take the first column of T - mu I, lanes already chasing (i > lo)
-      // annihilate their bulge.
-      DVec x = di - mu, z = ei;
-      if (i > lo_min) {
-        x = S::blend_gt(iv, lo, x, eprev);
-        z = S::blend_gt(iv, lo, z, bulge);
-      }
-      const DVec r = S::sqrt(S::fmadd(x, x, z * z));
-      const DVec inv = one / S::blend_gt(r, zero, one, r);
-      DVec c = S::blend_gt(r, zero, one, x * inv), s = S::blend_gt(r, zero, zero, z * inv);
-      c = S::blend_gt(lo, iv, c, one);  // above the lane's block: identity
-      s = S::blend_gt(lo, iv, s, zero);
-      if (i > lo_min) S::store(e + (i - 1) * kDL, S::blend_gt(iv, lo, eprev, r));
-      const DVec cc = c * c, ss = s * s, cs2f = two * c * s * ei;
-      S::store(d + i * kDL, S::fmadd(cc, di, S::fmadd(ss, dn, cs2f)));
-      eprev = S::fmadd(c * s, dn - di, (cc - ss) * ei);
-      di = S::fmadd(ss, di, S::fmadd(cc, dn, zero - cs2f));
-      if (i + 1 < hi) {
-        const DVec en = S::load(e + (i + 1) * kDL);
-        bulge = s * en;
-        ei = c * en;
-      }
-      // Scaled rotation for Q (apply_rotations); |c| is kept >= 1e-30 (a change of the rotation
-      // far below rounding) so that t = s / c stays finite.
-      const DVec cq = S::blend_gt(S::abs(c), S::set1(1e-30), S::set1(1e-30), c);
-      const DVec Di = S::load(D + i * kDL), Dn = S::load(D + (i + 1) * kDL);
-      const DVec q = s / (cq * Di * Dn);
-      S::store(ab_next + 2 * i * kDL, q * Dn * Dn);
-      S::store(ab_next + (2 * i + 1) * kDL, q * Di * Di);
-      S::store(D + i * kDL, cq * Di);
-      S::store(D + (i + 1) * kDL, cq * Dn);
-      catch_up(std::min(k, ((i - lo_min + 1) * k / (hi - lo_min) + 3) / 4 * 4));
+    mu = b - f * f / den;
+    return true;
+  }
+
+  // Chase step i (lo_min <= i < hi). The chase is one dependent chain: the updated d_i, e_{i-1},
+  // e_i and the bulge stay in registers (di, eprev, ei, bulge; di, ei start as d_lo_min, e_lo_min).
+  void chase(int64_t i, DVec& bulge, DVec& eprev, DVec& di, DVec& ei) {
+    using S = DLanes;
+    const DVec zero = S::set1(0.0), one = S::set1(1.0), two = S::set1(2.0);
+    const DVec iv = S::set1(double(i));
+    const DVec dn = S::load(d + (i + 1) * kDL);
+    // Lanes starting here take the first column of T - mu I, lanes already chasing (i > lo)
+    // annihilate their bulge.
+    DVec x = di - mu, z = ei;
+    if (i > lo_min) {
+      x = S::blend_gt(iv, lo, x, eprev);
+      z = S::blend_gt(iv, lo, z, bulge);
     }
+    const DVec r = S::sqrt(S::fmadd(x, x, z * z));
+    const DVec inv = one / S::blend_gt(r, zero, one, r);
+    DVec c = S::blend_gt(r, zero, one, x * inv), s = S::blend_gt(r, zero, zero, z * inv);
+    c = S::blend_gt(lo, iv, c, one);  // above the lane's block: identity
+    s = S::blend_gt(lo, iv, s, zero);
+    if (i > lo_min) S::store(e + (i - 1) * kDL, S::blend_gt(iv, lo, eprev, r));
+    const DVec cc = c * c, ss = s * s, cs2f = two * c * s * ei;
+    S::store(d + i * kDL, S::fmadd(cc, di, S::fmadd(ss, dn, cs2f)));
+    eprev = S::fmadd(c * s, dn - di, (cc - ss) * ei);
+    di = S::fmadd(ss, di, S::fmadd(cc, dn, zero - cs2f));
+    if (i + 1 < hi) {
+      const DVec en = S::load(e + (i + 1) * kDL);
+      bulge = s * en;
+      ei = c * en;
+    }
+    // Scaled rotation for Q (apply_rotations); |c| is kept >= 1e-30 (a change of the rotation
+    // far below rounding) so that t = s / c stays finite.
+    const DVec cq = S::blend_gt(S::abs(c), S::set1(1e-30), S::set1(1e-30), c);
+    const DVec Di = S::load(D + i * kDL), Dn = S::load(D + (i + 1) * kDL);
+    const DVec q = s / (cq * Di * Dn);
+    S::store(ab + 2 * i * kDL, q * Dn * Dn);
+    S::store(ab + (2 * i + 1) * kDL, q * Di * Di);
+    S::store(D + i * kDL, cq * Di);
+    S::store(D + (i + 1) * kDL, cq * Dn);
+  }
+
+  void end_step(DVec di, DVec eprev) {
+    using S = DLanes;
     S::store(d + hi * kDL, di);
     S::store(e + (hi - 1) * kDL, eprev);
-    catch_up(k);
-    std::swap(ab, ab_next);
-    plo = lo_min;
-    phi = hi;
-    pending_from = 0;
+    apply_rotations(Q, ab, k, lo_min, hi);
     // The scales only shrink (|c| <= 1): fold them into Q's columns long before they underflow.
     for (int64_t i = lo_min; i <= hi; ++i) {
       const DVec Di = S::load(D + i * kDL);
       if (!S::gt_mask(S::set1(1e-100), S::abs(Di))) continue;
-      catch_up(k);
-      const DVec f = S::blend_gt(S::set1(1e-100), S::abs(Di), one, Di);
+      const DVec f = S::blend_gt(S::set1(1e-100), S::abs(Di), S::set1(1.0), Di);
       for (int64_t r = 0; r < k; ++r) S::store(elem(Q, k, r, i), S::load(elem(Q, k, r, i)) * f);
       S::store(D + i * kDL, Di / f);
     }
   }
-  catch_up(k);
-  return 0;
+};
+
+// Implicit symmetric QR steps with Wilkinson shifts (Golub & Van Loan) on tridiag(d, e) of one or
+// two groups, rotations accumulated into the columns of Q diag(D). All lanes of a group step
+// together: each lane chases its own bulge from the top of its unreduced block ending at row hi
+// (identity rotations above it); hi moves up once every lane has split there. Off-diagonal
+// entries below eps * trace(T) count as zero: norm-wise, like the rounding of B itself. The
+// chases of two groups are interleaved (independent dependency chains). Sets each group's
+// `failing`: the lanes that had not split at some hi after max_steps steps (0 = converged).
+void tridiagonal_qr(QrGroup* g, int count) {
+  const DVec zero = DLanes::set1(0.0);
+  while (true) {
+    const bool act0 = g[0].begin_step(), act1 = count > 1 && g[1].begin_step();
+    if (!act0 && !act1) break;
+    const int64_t len0 = act0 ? g[0].hi - g[0].lo_min : 0, len1 = act1 ? g[1].hi - g[1].lo_min : 0;
+    DVec bulge0 = zero, eprev0 = zero, di0 = zero, ei0 = zero, bulge1 = zero, eprev1 = zero, di1 = zero, ei1 = zero;
+    if (act0) {
+      di0 = DLanes::load(g[0].d + g[0].lo_min * kDL);
+      ei0 = DLanes::load(g[0].e + g[0].lo_min * kDL);
+    }
+    if (act1) {
+      di1 = DLanes::load(g[1].d + g[1].lo_min * kDL);
+      ei1 = DLanes::load(g[1].e + g[1].lo_min * kDL);
+    }
+    for (int64_t t = 0; t < std::max(len0, len1); ++t) {
+      if (t < len0) g[0].chase(g[0].lo_min + t, bulge0, eprev0, di0, ei0);
+      if (t < len1) g[1].chase(g[1].lo_min + t, bulge1, eprev1, di1, ei1);
+    }
+    if (act0) g[0].end_step(di0, eprev0);
+    if (act1) g[1].end_step(di1, eprev1);
+  }
 }
 
 // Wn (l x k, column-major) = W (l x k) * Vm (k x k, column-major): R rows x CC columns per tile.
@@ -598,22 +629,20 @@ void gemm_wv(const double* W, const double* Vm, double* Wn, int64_t l, int64_t k
   }
 }
 
-// Scratch of gram_svd_group, allocated once per thread.
+// Scratch of the Gram route for one group, allocated once per thread.
 struct GramWork {
   std::vector<double> Wn, B, H, Q, D, d, e, tau, p, ab, lam, inv_n2;
   std::vector<int64_t> order;
   GramWork(int64_t l, int64_t k)
       : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), D(k * kDL), d(k * kDL), e(k * kDL),
-        tau(2 * k * kDL), p(k * kDL), ab(4 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
+        tau(2 * k * kDL), p(k * kDL), ab(2 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
 };
 
-// The Gram route on one group of packed matrices W (l x k, column-major, lane = matrix).
-// Outputs as the Jacobi route leaves them: W <- U diag(sigma) (columns in descending sigma
-// order), Vm <- V (k x k, column-major), sigma_lanes <- sigma. Returns the non-converged lanes.
-unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes, int64_t l, int64_t k,
-                        int64_t max_steps, GramWork& ws) {
+// The Gram route, first half, on one group of packed matrices W (l x k, column-major, lane =
+// matrix): B = W^T W and its tridiagonal form (ws.d, ws.e, ws.Q).
+void gram_tridiagonal(const std::vector<double>& W, int64_t l, int64_t k, GramWork& ws) {
   using S = DLanes;
-  const DVec zero = S::set1(0.0), one = S::set1(1.0), quarter = S::set1(0.25);
+  const DVec zero = S::set1(0.0);
   // B = W^T W, lower triangle (products of float inputs are exact in double); 2 x 2 tiles.
   auto gram_tile = [&](int64_t a, int64_t b, bool two_a, bool two_b) {
     const double* wa = W.data() + a * l * kDL;
@@ -637,8 +666,14 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
     for (int64_t b = 0; b <= a; b += 2) gram_tile(a, b, a + 1 < k, b + 1 < k);
   tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(),
                  k);
-  const unsigned failing =
-      tridiagonal_qr(ws.d.data(), ws.e.data(), ws.Q.data(), ws.D.data(), ws.ab.data(), k, max_steps);
+}
+
+// The Gram route, second half (after tridiagonal_qr): outputs as the Jacobi route leaves them,
+// W <- U diag(sigma) (columns in descending sigma order), Vm <- V (k x k, column-major),
+// sigma_lanes <- sigma.
+void gram_vectors(std::vector<double>& W, double* Vm, double* sigma_lanes, int64_t l, int64_t k, GramWork& ws) {
+  using S = DLanes;
+  const DVec zero = S::set1(0.0), one = S::set1(1.0), quarter = S::set1(0.25);
   // Per lane: eigenvalues descending; V's columns in that order (column-major for the unpack).
   for (int lane = 0; lane < kDL; ++lane) {
     auto lam = [&](int64_t j) { return ws.d[j * kDL + lane]; };
@@ -706,7 +741,6 @@ unsigned gram_svd_group(std::vector<double>& W, double* Vm, double* sigma_lanes,
     S::store(sigma_lanes + j * kDL, S::sqrt(n2));
   }
   std::swap(W, ws.Wn);
-  return failing;
 }
 
 // Largest |entry| of a[0..count) and whether all entries are finite, from the bit patterns: for
@@ -757,42 +791,66 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l * k * L));
 
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<C> W(l * k * L), Vm(k * k * L), cs(2 * pairs.size() * L + 2 * L), sigma_lanes(k * L);
+    // Per-group buffers. The Gram route takes two groups at a time: their QR chases (latency-bound
+    // dependency chains) interleave.
+    struct Slot {
+      std::vector<C> W, Vm, sigma_lanes;
+      std::vector<double> scale;
+      std::vector<char> finite;
+      unsigned rotating;
+    };
+    const int per_round = gram ? 2 : 1;
+    std::vector<Slot> slots(per_round, Slot{std::vector<C>(l * k * L), std::vector<C>(k * k * L),
+                                            std::vector<C>(k * L), std::vector<double>(L), std::vector<char>(L), 0});
+    std::vector<C> cs(2 * pairs.size() * L + 2 * L);
     std::vector<unsigned> pair_mask(pairs.size());
     std::vector<double> Q(l * k), sigma(k), inv_sigma(k);
     std::vector<char> deficient(k);
     std::vector<int64_t> order(k);
-    std::vector<double> scale(L);
-    std::vector<char> finite(L);
-    std::optional<GramWork> gram_work;
-    if (gram) gram_work.emplace(l, k);
-    for (int64_t g = g0; g < g1; ++g) {
-      // Pack: lane = matrix. Padding lanes and non-finite matrices are zero (converge at once).
-      const T* src[L];
-      for (int lane = 0; lane < L; ++lane) {
-        const int64_t b = g * L + lane;
-        const auto [amax, ok] = b < batch ? abs_max(A + b * m * n, m * n) : std::pair<T, bool>{T(0), true};
-        finite[lane] = ok;
-        src[lane] = b < batch && ok ? A + b * m * n : nullptr;
-        int e = 0;
-        if (ok && amax > 0) std::frexp(double(amax), &e);
-        scale[lane] = std::ldexp(1.0, -e);  // power of two: exact
-      }
-      for (int64_t j = 0; j < k; ++j)
-        for (int64_t i = 0; i < l; ++i) {
-          const int64_t at = wide ? j * n + i : i * n + j;
-          for (int lane = 0; lane < L; ++lane)
-            W[(j * l + i) * L + lane] = src[lane] ? C(double(src[lane][at]) * scale[lane]) : C(0);
+    std::vector<GramWork> gram_work;
+    for (int sl = 0; gram && sl < per_round; ++sl) gram_work.emplace_back(l, k);
+    for (int64_t g_first = g0; g_first < g1; g_first += per_round) {
+      const int count = (int)std::min<int64_t>(per_round, g1 - g_first);
+      for (int sl = 0; sl < count; ++sl) {
+        const int64_t g = g_first + sl;
+        auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[sl];
+        // Pack: lane = matrix. Padding lanes and non-finite matrices are zero (converge at once).
+        const T* src[L];
+        for (int lane = 0; lane < L; ++lane) {
+          const int64_t b = g * L + lane;
+          const auto [amax, ok] = b < batch ? abs_max(A + b * m * n, m * n) : std::pair<T, bool>{T(0), true};
+          finite[lane] = ok;
+          src[lane] = b < batch && ok ? A + b * m * n : nullptr;
+          int e = 0;
+          if (ok && amax > 0) std::frexp(double(amax), &e);
+          scale[lane] = std::ldexp(1.0, -e);  // power of two: exact
         }
-      if (!gram)
         for (int64_t j = 0; j < k; ++j)
-          for (int64_t i = 0; i < k; ++i) Simd::store(Vm.data() + (j * k + i) * L, Simd::set1(i == j ? C(1) : C(0)));
-
-      unsigned rotating = 0;
+          for (int64_t i = 0; i < l; ++i) {
+            const int64_t at = wide ? j * n + i : i * n + j;
+            for (int lane = 0; lane < L; ++lane)
+              W[(j * l + i) * L + lane] = src[lane] ? C(double(src[lane][at]) * scale[lane]) : C(0);
+          }
+      }
       if constexpr (std::is_same_v<C, double>) {
-        if (gram) rotating = gram_svd_group(W, Vm.data(), sigma_lanes.data(), l, k, max_sweeps, *gram_work);
+        if (gram) {
+          std::vector<QrGroup> qr;
+          for (int sl = 0; sl < count; ++sl) {
+            GramWork& ws = gram_work[sl];
+            gram_tridiagonal(slots[sl].W, l, k, ws);
+            qr.emplace_back(ws.d.data(), ws.e.data(), ws.Q.data(), ws.D.data(), ws.ab.data(), k, max_sweeps);
+          }
+          tridiagonal_qr(qr.data(), count);
+          for (int sl = 0; sl < count; ++sl) {
+            slots[sl].rotating = qr[sl].failing;
+            gram_vectors(slots[sl].W, slots[sl].Vm.data(), slots[sl].sigma_lanes.data(), l, k, gram_work[sl]);
+          }
+        }
       }
       if (!gram) {
+        auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[0];
+        for (int64_t j = 0; j < k; ++j)
+          for (int64_t i = 0; i < k; ++i) Simd::store(Vm.data() + (j * k + i) * L, Simd::set1(i == j ? C(1) : C(0)));
         rotating = jacobi_group<C>(W.data(), Vm.data(), l, k, max_sweeps, tol, pairs, round_start, cs, pair_mask);
         // Column norms of all lanes at once.
         for (int64_t j = 0; j < k; ++j) {
@@ -805,75 +863,79 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
           Simd::store(sigma_lanes.data() + j * L, Simd::sqrt(acc));
         }
       }
-      // Unpack lane by lane: sort, completion, signs.
-      for (int lane = 0; lane < L; ++lane) {
-        const int64_t b = g * L + lane;
-        if (b >= batch) break;
-        T* Ub = U + b * m * rank;
-        T* Sb = S + b * rank;
-        T* Vhb = Vh + b * rank * n;
-        if (!finite[lane]) {
-          std::fill(Ub, Ub + m * rank, nan);
-          std::fill(Sb, Sb + rank, nan);
-          std::fill(Vhb, Vhb + rank * n, nan);
-          continue;
-        }
-        if (rotating & (1u << lane)) {
-          int64_t expected = std::numeric_limits<int64_t>::max();
-          while (b < expected && !failed.compare_exchange_weak(expected, b)) {
+      for (int sl = 0; sl < count; ++sl) {
+        const int64_t g = g_first + sl;
+        auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[sl];
+        // Unpack lane by lane: sort, completion, signs.
+        for (int lane = 0; lane < L; ++lane) {
+          const int64_t b = g * L + lane;
+          if (b >= batch) break;
+          T* Ub = U + b * m * rank;
+          T* Sb = S + b * rank;
+          T* Vhb = Vh + b * rank * n;
+          if (!finite[lane]) {
+            std::fill(Ub, Ub + m * rank, nan);
+            std::fill(Sb, Sb + rank, nan);
+            std::fill(Vhb, Vhb + rank * n, nan);
+            continue;
+          }
+          if (rotating & (1u << lane)) {
+            int64_t expected = std::numeric_limits<int64_t>::max();
+            while (b < expected && !failed.compare_exchange_weak(expected, b)) {
+            }
+          }
+          double smax = 0;
+          for (int64_t j = 0; j < k; ++j) {
+            sigma[j] = sigma_lanes[j * L + lane];
+            smax = std::max(smax, sigma[j]);
+          }
+          bool any_deficient = false;
+          for (int64_t j = 0; j < k; ++j) {
+            deficient[j] = !(sigma[j] > smax * tiny) || sigma[j] == 0;
+            any_deficient |= bool(deficient[j]);
+            inv_sigma[j] = deficient[j] ? 0.0 : 1.0 / sigma[j];
+          }
+          // Normalized long-side vectors: read from W directly, or from Q after completion (rare).
+          if (any_deficient) {
+            for (int64_t j = 0; j < k; ++j)
+              for (int64_t i = 0; i < l; ++i) Q[j * l + i] = double(W[(j * l + i) * L + lane]) * inv_sigma[j];
+            complete_columns(Q, deficient, l, k);
+          }
+          auto long_side = [&](int64_t j, int64_t i) {
+            return any_deficient ? Q[j * l + i] : double(W[(j * l + i) * L + lane]) * inv_sigma[j];
+          };
+          auto short_side = [&](int64_t j, int64_t i) { return double(Vm[(j * k + i) * L + lane]); };
+          // Insertion sort, descending (k is small; stable).
+          for (int64_t j = 0; j < k; ++j) {
+            int64_t i = j;
+            while (i > 0 && sigma[order[i - 1]] < sigma[j]) {
+              order[i] = order[i - 1];
+              --i;
+            }
+            order[i] = j;
+          }
+          const double inv_scale = 1.0 / scale[lane];
+          for (int64_t r = 0; r < rank; ++r) {
+            const int64_t j = order[r];
+            Sb[r] = T(sigma[j] * inv_scale);
+            // Right singular vector: column j of V (tall) or of the long side (wide). Sign: its
+            // largest entry is positive.
+            double big = 0;
+            for (int64_t c = 0; c < n; ++c) {
+              const double v = wide ? long_side(j, c) : short_side(j, c);
+              if (std::abs(v) > std::abs(big)) big = v;
+            }
+            const double sgn = big < 0 ? -1.0 : 1.0;
+            if (wide) {
+              for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * long_side(j, c));
+              for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * short_side(j, i));
+            } else {
+              for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * short_side(j, c));
+              for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * long_side(j, i));
+            }
           }
         }
-        double smax = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          sigma[j] = sigma_lanes[j * L + lane];
-          smax = std::max(smax, sigma[j]);
-        }
-        bool any_deficient = false;
-        for (int64_t j = 0; j < k; ++j) {
-          deficient[j] = !(sigma[j] > smax * tiny) || sigma[j] == 0;
-          any_deficient |= bool(deficient[j]);
-          inv_sigma[j] = deficient[j] ? 0.0 : 1.0 / sigma[j];
-        }
-        // Normalized long-side vectors: read from W directly, or from Q after completion (rare).
-        if (any_deficient) {
-          for (int64_t j = 0; j < k; ++j)
-            for (int64_t i = 0; i < l; ++i) Q[j * l + i] = double(W[(j * l + i) * L + lane]) * inv_sigma[j];
-          complete_columns(Q, deficient, l, k);
-        }
-        auto long_side = [&](int64_t j, int64_t i) {
-          return any_deficient ? Q[j * l + i] : double(W[(j * l + i) * L + lane]) * inv_sigma[j];
-        };
-        auto short_side = [&](int64_t j, int64_t i) { return double(Vm[(j * k + i) * L + lane]); };
-        // Insertion sort, descending (k is small; stable).
-        for (int64_t j = 0; j < k; ++j) {
-          int64_t i = j;
-          while (i > 0 && sigma[order[i - 1]] < sigma[j]) {
-            order[i] = order[i - 1];
-            --i;
-          }
-          order[i] = j;
-        }
-        const double inv_scale = 1.0 / scale[lane];
-        for (int64_t r = 0; r < rank; ++r) {
-          const int64_t j = order[r];
-          Sb[r] = T(sigma[j] * inv_scale);
-          // Right singular vector: column j of V (tall) or of the long side (wide). Sign: its
-          // largest entry is positive.
-          double big = 0;
-          for (int64_t c = 0; c < n; ++c) {
-            const double v = wide ? long_side(j, c) : short_side(j, c);
-            if (std::abs(v) > std::abs(big)) big = v;
-          }
-          const double sgn = big < 0 ? -1.0 : 1.0;
-          if (wide) {
-            for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * long_side(j, c));
-            for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * short_side(j, i));
-          } else {
-            for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * short_side(j, c));
-            for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * long_side(j, i));
-          }
-        }
-      }
+  }
     }
   });
 }
