@@ -787,10 +787,15 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
   const double tiny = std::is_same_v<C, float> ? 4 * std::sqrt(double(l)) * eps : eps * eps;
   std::vector<int64_t> round_start;
   const auto pairs = round_robin_pairs(k, round_start);
-  // ~16 K doubles of matrix data per task so that small problems still split over threads.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l * k * L));
+  // Work is handed out in chunks of ~16 K doubles of matrix data through a shared counter (small
+  // problems still split over threads), so that a thread the OS preempts on a busy machine does
+  // not hold up a static half of the batch.
+  const int per_round = gram ? 2 : 1;
+  const int64_t chunk = std::max<int64_t>(per_round, 16384 / std::max<int64_t>(1, l * k * L));
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (groups + chunk - 1) / chunk);
+  std::atomic<int64_t> next_chunk{0};
 
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
     // Per-group buffers. The Gram route takes two groups at a time: their QR chases (latency-bound
     // dependency chains) interleave.
     struct Slot {
@@ -799,7 +804,6 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
       std::vector<char> finite;
       unsigned rotating;
     };
-    const int per_round = gram ? 2 : 1;
     std::vector<Slot> slots(per_round, Slot{std::vector<C>(l * k * L), std::vector<C>(k * k * L),
                                             std::vector<C>(k * L), std::vector<double>(L), std::vector<char>(L), 0});
     std::vector<C> cs(2 * pairs.size() * L + 2 * L);
@@ -809,133 +813,136 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
     std::vector<int64_t> order(k);
     std::vector<GramWork> gram_work;
     for (int sl = 0; gram && sl < per_round; ++sl) gram_work.emplace_back(l, k);
-    for (int64_t g_first = g0; g_first < g1; g_first += per_round) {
-      const int count = (int)std::min<int64_t>(per_round, g1 - g_first);
-      for (int sl = 0; sl < count; ++sl) {
-        const int64_t g = g_first + sl;
-        auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[sl];
-        // Pack: lane = matrix. Padding lanes and non-finite matrices are zero (converge at once).
-        const T* src[L];
-        for (int lane = 0; lane < L; ++lane) {
-          const int64_t b = g * L + lane;
-          const auto [amax, ok] = b < batch ? abs_max(A + b * m * n, m * n) : std::pair<T, bool>{T(0), true};
-          finite[lane] = ok;
-          src[lane] = b < batch && ok ? A + b * m * n : nullptr;
-          int e = 0;
-          if (ok && amax > 0) std::frexp(double(amax), &e);
-          scale[lane] = std::ldexp(1.0, -e);  // power of two: exact
+    for (int64_t g0; (g0 = next_chunk.fetch_add(chunk)) < groups;) {
+      const int64_t g1 = std::min(groups, g0 + chunk);
+      for (int64_t g_first = g0; g_first < g1; g_first += per_round) {
+        const int count = (int)std::min<int64_t>(per_round, g1 - g_first);
+        for (int sl = 0; sl < count; ++sl) {
+          const int64_t g = g_first + sl;
+          auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[sl];
+          // Pack: lane = matrix. Padding lanes and non-finite matrices are zero (converge at once).
+          const T* src[L];
+          for (int lane = 0; lane < L; ++lane) {
+            const int64_t b = g * L + lane;
+            const auto [amax, ok] = b < batch ? abs_max(A + b * m * n, m * n) : std::pair<T, bool>{T(0), true};
+            finite[lane] = ok;
+            src[lane] = b < batch && ok ? A + b * m * n : nullptr;
+            int e = 0;
+            if (ok && amax > 0) std::frexp(double(amax), &e);
+            scale[lane] = std::ldexp(1.0, -e);  // power of two: exact
+          }
+          for (int64_t j = 0; j < k; ++j)
+            for (int64_t i = 0; i < l; ++i) {
+              const int64_t at = wide ? j * n + i : i * n + j;
+              for (int lane = 0; lane < L; ++lane)
+                W[(j * l + i) * L + lane] = src[lane] ? C(double(src[lane][at]) * scale[lane]) : C(0);
+            }
         }
-        for (int64_t j = 0; j < k; ++j)
-          for (int64_t i = 0; i < l; ++i) {
-            const int64_t at = wide ? j * n + i : i * n + j;
-            for (int lane = 0; lane < L; ++lane)
-              W[(j * l + i) * L + lane] = src[lane] ? C(double(src[lane][at]) * scale[lane]) : C(0);
-          }
-      }
-      if constexpr (std::is_same_v<C, double>) {
-        if (gram) {
-          std::vector<QrGroup> qr;
-          for (int sl = 0; sl < count; ++sl) {
-            GramWork& ws = gram_work[sl];
-            gram_tridiagonal(slots[sl].W, l, k, ws);
-            qr.emplace_back(ws.d.data(), ws.e.data(), ws.Q.data(), ws.D.data(), ws.ab.data(), k, max_sweeps);
-          }
-          tridiagonal_qr(qr.data(), count);
-          for (int sl = 0; sl < count; ++sl) {
-            slots[sl].rotating = qr[sl].failing;
-            gram_vectors(slots[sl].W, slots[sl].Vm.data(), slots[sl].sigma_lanes.data(), l, k, gram_work[sl]);
-          }
-        }
-      }
-      if (!gram) {
-        auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[0];
-        for (int64_t j = 0; j < k; ++j)
-          for (int64_t i = 0; i < k; ++i) Simd::store(Vm.data() + (j * k + i) * L, Simd::set1(i == j ? C(1) : C(0)));
-        rotating = jacobi_group<C>(W.data(), Vm.data(), l, k, max_sweeps, tol, pairs, round_start, cs, pair_mask);
-        // Column norms of all lanes at once.
-        for (int64_t j = 0; j < k; ++j) {
-          Vec acc = Simd::set1(C(0));
-          const C* wj = W.data() + j * l * L;
-          for (int64_t i = 0; i < l; ++i) {
-            const Vec w = Simd::load(wj + i * L);
-            acc = Simd::fmadd(w, w, acc);
-          }
-          Simd::store(sigma_lanes.data() + j * L, Simd::sqrt(acc));
-        }
-      }
-      for (int sl = 0; sl < count; ++sl) {
-        const int64_t g = g_first + sl;
-        auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[sl];
-        // Unpack lane by lane: sort, completion, signs.
-        for (int lane = 0; lane < L; ++lane) {
-          const int64_t b = g * L + lane;
-          if (b >= batch) break;
-          T* Ub = U + b * m * rank;
-          T* Sb = S + b * rank;
-          T* Vhb = Vh + b * rank * n;
-          if (!finite[lane]) {
-            std::fill(Ub, Ub + m * rank, nan);
-            std::fill(Sb, Sb + rank, nan);
-            std::fill(Vhb, Vhb + rank * n, nan);
-            continue;
-          }
-          if (rotating & (1u << lane)) {
-            int64_t expected = std::numeric_limits<int64_t>::max();
-            while (b < expected && !failed.compare_exchange_weak(expected, b)) {
+        if constexpr (std::is_same_v<C, double>) {
+          if (gram) {
+            std::vector<QrGroup> qr;
+            for (int sl = 0; sl < count; ++sl) {
+              GramWork& ws = gram_work[sl];
+              gram_tridiagonal(slots[sl].W, l, k, ws);
+              qr.emplace_back(ws.d.data(), ws.e.data(), ws.Q.data(), ws.D.data(), ws.ab.data(), k, max_sweeps);
+            }
+            tridiagonal_qr(qr.data(), count);
+            for (int sl = 0; sl < count; ++sl) {
+              slots[sl].rotating = qr[sl].failing;
+              gram_vectors(slots[sl].W, slots[sl].Vm.data(), slots[sl].sigma_lanes.data(), l, k, gram_work[sl]);
             }
           }
-          double smax = 0;
+        }
+        if (!gram) {
+          auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[0];
+          for (int64_t j = 0; j < k; ++j)
+            for (int64_t i = 0; i < k; ++i) Simd::store(Vm.data() + (j * k + i) * L, Simd::set1(i == j ? C(1) : C(0)));
+          rotating = jacobi_group<C>(W.data(), Vm.data(), l, k, max_sweeps, tol, pairs, round_start, cs, pair_mask);
+          // Column norms of all lanes at once.
           for (int64_t j = 0; j < k; ++j) {
-            sigma[j] = sigma_lanes[j * L + lane];
-            smax = std::max(smax, sigma[j]);
-          }
-          bool any_deficient = false;
-          for (int64_t j = 0; j < k; ++j) {
-            deficient[j] = !(sigma[j] > smax * tiny) || sigma[j] == 0;
-            any_deficient |= bool(deficient[j]);
-            inv_sigma[j] = deficient[j] ? 0.0 : 1.0 / sigma[j];
-          }
-          // Normalized long-side vectors: read from W directly, or from Q after completion (rare).
-          if (any_deficient) {
-            for (int64_t j = 0; j < k; ++j)
-              for (int64_t i = 0; i < l; ++i) Q[j * l + i] = double(W[(j * l + i) * L + lane]) * inv_sigma[j];
-            complete_columns(Q, deficient, l, k);
-          }
-          auto long_side = [&](int64_t j, int64_t i) {
-            return any_deficient ? Q[j * l + i] : double(W[(j * l + i) * L + lane]) * inv_sigma[j];
-          };
-          auto short_side = [&](int64_t j, int64_t i) { return double(Vm[(j * k + i) * L + lane]); };
-          // Insertion sort, descending (k is small; stable).
-          for (int64_t j = 0; j < k; ++j) {
-            int64_t i = j;
-            while (i > 0 && sigma[order[i - 1]] < sigma[j]) {
-              order[i] = order[i - 1];
-              --i;
+            Vec acc = Simd::set1(C(0));
+            const C* wj = W.data() + j * l * L;
+            for (int64_t i = 0; i < l; ++i) {
+              const Vec w = Simd::load(wj + i * L);
+              acc = Simd::fmadd(w, w, acc);
             }
-            order[i] = j;
+            Simd::store(sigma_lanes.data() + j * L, Simd::sqrt(acc));
           }
-          const double inv_scale = 1.0 / scale[lane];
-          for (int64_t r = 0; r < rank; ++r) {
-            const int64_t j = order[r];
-            Sb[r] = T(sigma[j] * inv_scale);
-            // Right singular vector: column j of V (tall) or of the long side (wide). Sign: its
-            // largest entry is positive.
-            double big = 0;
-            for (int64_t c = 0; c < n; ++c) {
-              const double v = wide ? long_side(j, c) : short_side(j, c);
-              if (std::abs(v) > std::abs(big)) big = v;
+        }
+        for (int sl = 0; sl < count; ++sl) {
+          const int64_t g = g_first + sl;
+          auto& [W, Vm, sigma_lanes, scale, finite, rotating] = slots[sl];
+          // Unpack lane by lane: sort, completion, signs.
+          for (int lane = 0; lane < L; ++lane) {
+            const int64_t b = g * L + lane;
+            if (b >= batch) break;
+            T* Ub = U + b * m * rank;
+            T* Sb = S + b * rank;
+            T* Vhb = Vh + b * rank * n;
+            if (!finite[lane]) {
+              std::fill(Ub, Ub + m * rank, nan);
+              std::fill(Sb, Sb + rank, nan);
+              std::fill(Vhb, Vhb + rank * n, nan);
+              continue;
             }
-            const double sgn = big < 0 ? -1.0 : 1.0;
-            if (wide) {
-              for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * long_side(j, c));
-              for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * short_side(j, i));
-            } else {
-              for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * short_side(j, c));
-              for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * long_side(j, i));
+            if (rotating & (1u << lane)) {
+              int64_t expected = std::numeric_limits<int64_t>::max();
+              while (b < expected && !failed.compare_exchange_weak(expected, b)) {
+              }
+            }
+            double smax = 0;
+            for (int64_t j = 0; j < k; ++j) {
+              sigma[j] = sigma_lanes[j * L + lane];
+              smax = std::max(smax, sigma[j]);
+            }
+            bool any_deficient = false;
+            for (int64_t j = 0; j < k; ++j) {
+              deficient[j] = !(sigma[j] > smax * tiny) || sigma[j] == 0;
+              any_deficient |= bool(deficient[j]);
+              inv_sigma[j] = deficient[j] ? 0.0 : 1.0 / sigma[j];
+            }
+            // Normalized long-side vectors: read from W directly, or from Q after completion (rare).
+            if (any_deficient) {
+              for (int64_t j = 0; j < k; ++j)
+                for (int64_t i = 0; i < l; ++i) Q[j * l + i] = double(W[(j * l + i) * L + lane]) * inv_sigma[j];
+              complete_columns(Q, deficient, l, k);
+            }
+            auto long_side = [&](int64_t j, int64_t i) {
+              return any_deficient ? Q[j * l + i] : double(W[(j * l + i) * L + lane]) * inv_sigma[j];
+            };
+            auto short_side = [&](int64_t j, int64_t i) { return double(Vm[(j * k + i) * L + lane]); };
+            // Insertion sort, descending (k is small; stable).
+            for (int64_t j = 0; j < k; ++j) {
+              int64_t i = j;
+              while (i > 0 && sigma[order[i - 1]] < sigma[j]) {
+                order[i] = order[i - 1];
+                --i;
+              }
+              order[i] = j;
+            }
+            const double inv_scale = 1.0 / scale[lane];
+            for (int64_t r = 0; r < rank; ++r) {
+              const int64_t j = order[r];
+              Sb[r] = T(sigma[j] * inv_scale);
+              // Right singular vector: column j of V (tall) or of the long side (wide). Sign: its
+              // largest entry is positive.
+              double big = 0;
+              for (int64_t c = 0; c < n; ++c) {
+                const double v = wide ? long_side(j, c) : short_side(j, c);
+                if (std::abs(v) > std::abs(big)) big = v;
+              }
+              const double sgn = big < 0 ? -1.0 : 1.0;
+              if (wide) {
+                for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * long_side(j, c));
+                for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * short_side(j, i));
+              } else {
+                for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * short_side(j, c));
+                for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * long_side(j, i));
+              }
             }
           }
         }
-  }
+      }
     }
   });
 }
