@@ -1,6 +1,7 @@
 """batched_svd: thin SVD of many small matrices at once, with a backward that stays finite.
 
-The schema and the CPU kernel (one-sided Jacobi vectorized across matrices) live in
+The schema and the CPU kernel (vectorized across matrices: one-sided Jacobi for float64 and
+float32 up to 8 x 8, an eigen-decomposition of A^T A in double for larger float32) live in
 csrc/batched_svd.cpp; the CUDA kernel is Triton (lowrank_kernels/triton/batched_svd.py,
 registered lazily on first use). This file adds the Python entry point, the fake kernel used
 by torch.compile/torch.export, and autograd.
@@ -56,9 +57,10 @@ def batched_svd(
     so U^T U = I and Vh Vh^T = I always hold.
 
     A matrix containing NaN or inf gives NaN for all of its U, S, Vh (the others in the
-    batch are unaffected). A finite matrix whose Jacobi iteration has not converged after
-    ``max_sweeps`` sweeps raises RuntimeError (it does not happen in practice with the
-    default; typical counts are 6-11 sweeps).
+    batch are unaffected). A finite matrix whose iteration has not converged raises
+    RuntimeError: after ``max_sweeps`` Jacobi sweeps (float64, float32 up to 8 x 8; typical
+    6-11), or ``max_sweeps`` implicit QR steps for one eigenvalue of A^T A (larger float32;
+    typical 1-3). It does not happen in practice with the default.
 
     Autograd: gradients for U, S and Vh; finite for repeated, zero and rank-deficient
     singular values (see the module docstring for the exact treatment).

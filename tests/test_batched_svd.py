@@ -54,6 +54,8 @@ SHAPES = [
     (5, 3, 7),  # wide
     (3, 1, 6),
     (3, 6, 1),
+    (3, 1, 20),  # float32: smallest k on the Gram route
+    (3, 20, 2),
     (1, 1, 1),
     (2, 3, 4, 5),  # extra batch dims
     (3, 32, 32),
@@ -159,11 +161,63 @@ def test_nan_inf_input(shape):
     check_svd(A[good], U[good], S[good], Vh[good])
 
 
-def test_non_convergence_is_reported():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # Gram route / Jacobi
+def test_non_convergence_is_reported(dtype):
     torch.manual_seed(5)
-    A = torch.randn(10, 16, 16)
+    A = torch.randn(10, 16, 16, dtype=dtype)
     with pytest.raises(RuntimeError, match="did not converge within max_sweeps=1"):
         lk.batched_svd(A, max_sweeps=1)
+
+
+# ---- float32 beyond 8 x 8: the Gram route (eigen-decomposition of A^T A in double) ----------
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e6])
+@pytest.mark.parametrize("m,n", [(16, 16), (32, 32), (64, 64), (40, 32), (24, 64)])
+def test_float32_ill_conditioned(m, n, kappa):
+    """Log-spaced singular values down to sigma_max / kappa: orthogonality must survive the
+    squaring of the condition number in A^T A (Gram-Schmidt repair of U)."""
+    k = min(m, n)
+    sigma = torch.logspace(0, -math.log10(kappa), k).tolist()
+    A = _with_singular_values(sigma, m, n, batch=6, dtype=torch.float32, seed=int(kappa) % 97 + k)
+    check_svd(A, *lk.batched_svd(A))
+
+
+def _block_diagonal(sizes: list[int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.block_diag(*[torch.randn(s, s, generator=g) for s in sizes])
+
+
+def test_float32_mixed_structure_in_one_group():
+    """Matrices of different structure side by side in the same SIMD group (consecutive batch
+    entries): split tridiagonals (block-diagonal and diagonal input), zero, rank-deficient and
+    repeated singular values next to a generic matrix, so the lanes deflate at different rows."""
+    n = 24
+    g = torch.Generator().manual_seed(7)
+    mats = [
+        torch.randn(n, n, generator=g),
+        _block_diagonal([5, 11, 8], seed=8),
+        torch.diag(torch.linspace(3.0, 0.5, n)),
+        torch.zeros(n, n),
+        _with_singular_values([2.0, 1.5, 1.0, 0.5, 0.25], n, n, batch=1, dtype=torch.float64, seed=9)[0],
+        _with_singular_values([1.0] * 12 + [0.5] * 12, n, n, batch=1, dtype=torch.float64, seed=10)[0],
+        _block_diagonal([1, 23], seed=11),
+        torch.eye(n)[torch.randperm(n, generator=g)],  # permutation: all singular values 1
+    ]
+    A = torch.stack([a.float() for a in mats])
+    for order in (A, A.flip(0), A[torch.randperm(len(mats), generator=g)]):
+        U, S, Vh = lk.batched_svd(order)
+        check_svd(order, U, S, Vh)
+        assert _orth_err(U) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("n", [32, 64])
+def test_float32_rank_deficient_large(n):
+    sigma = [3.0, 2.0, 1.0] + [1e-3] * 4 + [0.0] * (n - 7)
+    A = _with_singular_values(sigma, n, n, batch=5, dtype=torch.float32, seed=n)
+    U, S, Vh = lk.batched_svd(A)
+    check_svd(A, U, S, Vh)
+    assert _orth_err(U) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize(
