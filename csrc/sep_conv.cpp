@@ -458,7 +458,7 @@ void sep_conv_backward_kernel(const SepConvShape& s, const T* gy, const T* x, co
 // NCHW reads channel planes H*W apart, which for 224x224 or 112x112 planes fall into a few
 // L1 sets; the pixel-major copy avoids that, and per input element it costs about one load
 // and store against 2*Kg*dv FLOPs. wv and wh are the contiguous float weights.
-constexpr int64_t kReductionBlock = 256;  // taps * channels per pass: the packed weight panel (16 KiB) stays in L1
+constexpr int64_t kReductionBlock = 256;  // taps * channels per pass: the packed weight panel (24 KiB) stays in L1
 
 // C (n_pix pixel rows, pointers c_of(p)) = sum over taps and `red` channels of
 // A (pixel rows a_of(p), tap offsets a_tap) times the packed panels of `packed` (n_out
@@ -755,29 +755,23 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
       }
     }
   });
-  // Sum the per-thread weight gradients into the (K, Cg, dv) and (N, Kg, dh) layouts.
-  at::parallel_for(0, s.groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      if (gwv)
-        for (int64_t i = 0; i < s.dv; ++i)
-          for (int64_t kk = 0; kk < s.kg; ++kk)
-            for (int64_t c = 0; c < s.cg; ++c) {
-              float sum = 0.f;
-              for (int64_t th = 0; th < n_threads; ++th)
-                sum += acc_wv[th * wv_numel + ((g * s.dv + i) * s.kg + kk) * s.cg + c];
-              gwv[((g * s.kg + kk) * s.cg + c) * s.dv + i] = sum;
-            }
-      if (gwh)
-        for (int64_t j = 0; j < s.dh; ++j)
-          for (int64_t n = 0; n < s.ng; ++n)
-            for (int64_t kk = 0; kk < s.kg; ++kk) {
-              float sum = 0.f;
-              for (int64_t th = 0; th < n_threads; ++th)
-                sum += acc_wh[th * wh_numel + ((g * s.dh + j) * s.ng + n) * s.kg + kk];
-              gwh[((g * s.ng + n) * s.kg + kk) * s.dh + j] = sum;
-            }
-    }
-  });
+  // Sum the per-thread accumulators ([g][tap][row][red]) into the weight layout
+  // (rows x red x taps per group): (K, Cg, dv) for weight_v, (N, Kg, dh) for weight_h.
+  const auto sum_threads = [&](const std::vector<float>& acc, int64_t numel, int64_t taps, int64_t rows, int64_t red,
+                               float* out) {
+    at::parallel_for(0, s.groups * taps * rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t gtr = begin; gtr < end; ++gtr) {
+        const int64_t g = gtr / (taps * rows), t = gtr / rows % taps, r = gtr % rows;
+        for (int64_t k = 0; k < red; ++k) {
+          float sum = 0.f;
+          for (int64_t th = 0; th < n_threads; ++th) sum += acc[th * numel + gtr * red + k];
+          out[((g * rows + r) * red + k) * taps + t] = sum;
+        }
+      }
+    });
+  };
+  if (gwv) sum_threads(acc_wv, wv_numel, s.dv, s.kg, s.cg, gwv);
+  if (gwh) sum_threads(acc_wh, wh_numel, s.dh, s.ng, s.kg, gwh);
 }
 #endif
 

@@ -74,25 +74,6 @@ def test_forward_matches_reference(split, dvdh, groups, memory_format, dtype):
     torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
 
 
-@pytest.mark.parametrize(
-    "shape",  # B, C, H, W, K, N, dv, dh, groups, padding, dilation
-    [
-        (1, 200, 9, 21, 100, 120, 3, 3, 1, (1, 1), (1, 1)),  # taps*channels > 256: reduction blocks
-        (2, 96, 6, 35, 132, 200, 3, 5, 2, (2, 1), (2, 1)),  # > 16 weight panels, groups, dilation
-        (1, 7, 30, 3, 5, 3, 1, 3, 1, (0, 1), (1, 1)),  # outputs narrower than a vector
-        (2, 24, 8, 19, 24, 72, 3, 3, 1, (1, 1), (1, 1)),  # 24-wide weight panels (4 x 24 tiles)
-    ],
-)
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_forward_float32_wide_channels(shape, memory_format):
-    B, C, H, W, K, N, dv, dh, groups, padding, dilation = shape
-    x, wv, wh, b = _make(B, C, H, W, K, N, dv, dh, groups, True, torch.float32)
-    x = x.contiguous(memory_format=memory_format)
-    args = ((1, 1), padding, dilation, groups)
-    out = lk.sep_conv(x, wv, wh, b, *args)
-    torch.testing.assert_close(out, _reference64(x, wv, wh, b, *args).float(), **TOL[torch.float32])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -198,22 +179,25 @@ def test_backward_matches_reference(split, dvdh_groups, memory_format, dtype):
 @pytest.mark.parametrize(
     "shape",  # B, C, H, W, K, N, dv, dh, groups, padding, dilation
     [
-        (1, 100, 9, 21, 60, 70, 3, 3, 1, (1, 1), (1, 1)),  # reduction blocks, panel tails
+        (1, 200, 9, 21, 100, 120, 3, 3, 1, (1, 1), (1, 1)),  # taps*channels > 256: reduction blocks
+        (2, 96, 6, 35, 132, 200, 3, 5, 2, (2, 1), (2, 1)),  # many weight panels, groups, dilation
+        (1, 7, 30, 3, 5, 3, 1, 3, 1, (0, 1), (1, 1)),  # outputs narrower than a vector
         (2, 24, 5, 14, 40, 36, 5, 3, 2, (3, 0), (1, 2)),  # padding beyond the kernel, few rows
         (1, 6, 17, 3, 3, 5, 3, 1, 1, (0, 2), (2, 1)),  # go columns outside every window
-        (2, 24, 8, 19, 24, 72, 3, 3, 1, (1, 1), (1, 1)),  # 24-wide weight panels (4 x 24 tiles)
+        (2, 24, 8, 19, 24, 72, 3, 3, 1, (1, 1), (1, 1)),  # 24-wide weight panels, 4 x 24 tiles
     ],
 )
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_backward_float32_wide_channels(shape, memory_format):
+def test_float32_wide_channels_forward_and_backward(shape, memory_format):
     B, C, H, W, K, N, dv, dh, groups, padding, dilation = shape
     x, wv, wh, b = _make(B, C, H, W, K, N, dv, dh, groups, True, torch.float32)
     x = x.contiguous(memory_format=memory_format)
     args = ((1, 1), padding, dilation, groups)
     gy = torch.randn(sep_conv_reference(x, wv, wh, b, *args).shape)
-    _, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
-    _, ref = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
-    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref, strict=True):
+    out, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
+    ref, ref_grads = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
+    torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])
+    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref_grads, strict=True):
         _assert_float32_grad_close(g, r, name)
 
 
