@@ -471,10 +471,10 @@ void pixel_gemm(int64_t n_pix, int64_t n_out, const float* packed, int64_t red, 
   // of 85 would leave a last block of 1, paying a full pass over C for 3 FMA steps).
   const int64_t max_blk = std::max<int64_t>(1, kReductionBlock / taps), n_blk = (red + max_blk - 1) / max_blk;
   const int64_t rblk = (red + n_blk - 1) / n_blk;
-  const int64_t width = k::panel_width(n_out);
-  const int mr = k::tile_rows(width);
-  float* crow[k::kMR];
-  const float* arow[k::kMR];
+  const int64_t width = k::kPanel;
+  const int mr = k::kRows;
+  float* crow[k::kRows];
+  const float* arow[k::kRows];
   for (int64_t r0 = 0; r0 < red; r0 += rblk) {
     const int64_t rl = std::min(rblk, red - r0);
     for (int64_t np = 0; np * width < n_out; ++np) {
@@ -640,15 +640,15 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   const int64_t w_lo = std::max<int64_t>(0, -padg), w_hi = std::min(Wo, Wg - padg);  // go columns kept in gopad
   // Weight-gradient micro-tiles: kR output channels x kW channels of the packed operand.
   const int64_t kW = k::kPanel;
-  const int kR = k::tile_rows(kW);
+  const int kR = k::kRows;
 
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel;
     std::vector<int64_t> row_tap;
     float* my_wv = gwv ? acc_wv.data() + at::get_thread_num() * wv_numel : nullptr;
     float* my_wh = gwh ? acc_wh.data() + at::get_thread_num() * wh_numel : nullptr;
-    float* crow[k::kMR];
-    const float* arow[k::kMR];
+    float* crow[k::kRows];
+    const float* arow[k::kRows];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / (s.groups * tiling.per_image);
       const int64_t g = (tile / tiling.per_image) % s.groups;
@@ -861,22 +861,21 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
                                   : at::empty({0}, weight_v.options());
   Tensor grad_wh = output_mask[2] ? maybe_zero(at::empty(weight_h.sizes(), weight_h.options().dtype(ct)))
                                   : at::empty({0}, weight_h.options());
-#ifdef LOWRANK_SEP_CONV_AVX2
-  if (fused && (output_mask[0] || output_mask[1] || output_mask[2])) {
-    const Tensor x = input.to(ct).contiguous(memory_format);
-    const Tensor gy = grad_out.to(ct).contiguous(memory_format);
-    const Tensor wv = weight_v.to(ct).contiguous(), wh = weight_h.to(ct).contiguous();
-    auto kernel = cl ? &sep_conv_backward_avx2<true> : &sep_conv_backward_avx2<false>;
-    kernel(s, gy.data_ptr<float>(), x.data_ptr<float>(), wv.data_ptr<float>(), wh.data_ptr<float>(),
-           output_mask[0] ? grad_input.data_ptr<float>() : nullptr,
-           output_mask[1] ? grad_wv.data_ptr<float>() : nullptr, output_mask[2] ? grad_wh.data_ptr<float>() : nullptr);
-    const auto dt = input.scalar_type();
-    return {grad_input.to(dt), grad_wv.to(dt), grad_wh.to(dt)};
-  }
-#endif
   if (s.batch > 0 && s.out_channels > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
     const Tensor x = input.to(ct).contiguous(memory_format);
     const Tensor gy = grad_out.to(ct).contiguous(memory_format);
+#ifdef LOWRANK_SEP_CONV_AVX2
+    if (fused) {
+      const Tensor wv = weight_v.to(ct).contiguous(), wh = weight_h.to(ct).contiguous();
+      auto kernel = cl ? &sep_conv_backward_avx2<true> : &sep_conv_backward_avx2<false>;
+      kernel(s, gy.data_ptr<float>(), x.data_ptr<float>(), wv.data_ptr<float>(), wh.data_ptr<float>(),
+             output_mask[0] ? grad_input.data_ptr<float>() : nullptr,
+             output_mask[1] ? grad_wv.data_ptr<float>() : nullptr,
+             output_mask[2] ? grad_wh.data_ptr<float>() : nullptr);
+      const auto dt = input.scalar_type();
+      return {grad_input.to(dt), grad_wv.to(dt), grad_wh.to(dt)};
+    }
+#endif
     const Tensor wvp = pack_weight_v(weight_v.to(ct));
     const Tensor whp = pack_weight_h(weight_h.to(ct), cl);
     Tensor gwvp = output_mask[1] ? at::empty_like(wvp) : Tensor();

@@ -28,11 +28,14 @@ namespace lowrank {
 namespace avx2 {
 namespace {  // internal linkage: direct calls, no PLT
 
-constexpr int kMR = 6;   // rows of a micro-tile (pixels, the broadcast operand)
-constexpr int kNR = 16;  // columns of a micro-tile (channels, two ymm vectors)
+// Micro-tiles are kRows x kPanel: 4 x 24 (12 accumulators, 3 weight vectors and 4 broadcasts
+// per step) measured 94-96 GFLOP/s on one core with L1-resident operands against 69-73 for
+// 6 x 16 (AMD EPYC, Zen 3). A last panel of <= 16 channels runs as 4 x 16 or 4 x 8.
+constexpr int kRows = 4;      // rows of a micro-tile (pixels or output channels: the broadcast operand)
+constexpr int64_t kPanel = 24;  // columns of a micro-tile, and the width of the packed weight panels
 
-// GCC otherwise folds the weight load into each of the 6 FMAs that use it (12 loads per
-// step instead of 2), which makes the loop load-bound.
+// GCC otherwise folds each weight load into every FMA that uses it (one load per FMA instead
+// of one per vector), which makes the loop load-bound.
 inline void keep_in_register(__m256& v) { asm("" : "+x"(v)); }
 
 // Lanes [0, n) active, n in [0, 8].
@@ -128,42 +131,22 @@ struct KernelArgs {
 
 template <int NV>
 void kernel_rows(int rows, int64_t ncols, const KernelArgs& k) {
-  static_assert(NV <= 2, "use kernel_rows_24");
-#define LOWRANK_KERNEL_CASE(MR)                                                                             \
-  case MR:                                                                                                  \
-    return kernel<MR, NV>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, \
-                          k.bias)
+#define LOWRANK_KERNEL_CASE(MR) \
+  return kernel<MR, NV>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias)
   switch (rows) {
-    LOWRANK_KERNEL_CASE(6);
-    LOWRANK_KERNEL_CASE(5);
-    LOWRANK_KERNEL_CASE(4);
-    LOWRANK_KERNEL_CASE(3);
-    LOWRANK_KERNEL_CASE(2);
-    default:
-      LOWRANK_KERNEL_CASE(1);
+    case 4: LOWRANK_KERNEL_CASE(4);
+    case 3: LOWRANK_KERNEL_CASE(3);
+    case 2: LOWRANK_KERNEL_CASE(2);
+    default: LOWRANK_KERNEL_CASE(1);
   }
 #undef LOWRANK_KERNEL_CASE
 }
 
-// 4 x 24 micro-tiles (12 accumulators, three weight vectors): rows <= 4.
-inline void kernel_rows_24(int rows, int64_t ncols, const KernelArgs& k) {
-  switch (rows) {
-    case 4: return kernel<4, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
-    case 3: return kernel<3, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
-    case 2: return kernel<2, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
-    default: return kernel<1, 3>(k.taps, k.a_tap, k.kc, k.a, k.a_step, k.b, k.b_tap, k.b_step, ncols, k.c, k.accumulate, k.bias);
-  }
-}
-
-// Rows per micro-tile for panels of `width` columns.
-inline int tile_rows(int64_t width) { return width > kNR ? 4 : kMR; }
-
-
-// One micro-tile of `rows` <= tile_rows rows and `ncols` <= 24 columns: picks the
-// instantiation (a tail of <= 8 columns needs only one vector per row).
+// One micro-tile of `rows` <= kRows rows and `ncols` <= kPanel columns: picks the
+// instantiation by the number of 8-wide vectors the columns need.
 inline void kernel_tile(int rows, int64_t ncols, const KernelArgs& k) {
   if (ncols > 16) {
-    kernel_rows_24(rows, ncols, k);
+    kernel_rows<3>(rows, ncols, k);
   } else if (ncols > 8) {
     kernel_rows<2>(rows, ncols, k);
   } else {
@@ -171,16 +154,9 @@ inline void kernel_tile(int rows, int64_t ncols, const KernelArgs& k) {
   }
 }
 
-// Width of the packed weight panels. 4 x 24 micro-tiles (12 accumulators, 3 weight vectors and
-// 4 broadcasts per step) measured 94-96 GFLOP/s on one core with L1-resident operands against
-// 69-73 for 6 x 16 (AMD EPYC, Zen 3); a last panel of <= 16 channels runs as 4 x 16 or 4 x 8.
-constexpr int64_t kPanel = 24;
-inline int64_t panel_width(int64_t /*rows*/) { return kPanel; }
-
 // Floats per group of pack_panels' output.
 inline int64_t packed_panels_size(int64_t rows, int64_t red, int64_t taps) {
-  const int64_t width = panel_width(rows);
-  return (rows + width - 1) / width * width * red * taps;
+  return (rows + kPanel - 1) / kPanel * kPanel * red * taps;
 }
 
 // Where pack_panels reads element (group g, row r, reduction index k, tap t) of a weight:
@@ -189,12 +165,12 @@ struct WeightStrides {
   int64_t group, row, red, tap;
 };
 
-// Packs rows x red x taps weights per group into panels of width = panel_width(rows) rows,
-// out[g][panel][t][k][width], zero past `rows`.
+// Packs rows x red x taps weights per group into panels of kPanel rows,
+// out[g][panel][t][k][kPanel], zero past `rows`.
 inline void pack_panels(const float* w, WeightStrides st, int64_t groups, int64_t rows, int64_t red, int64_t taps,
                         float* out) {
   const int64_t per_group = packed_panels_size(rows, red, taps);
-  const int64_t width = panel_width(rows), panels = (rows + width - 1) / width;
+  const int64_t width = kPanel, panels = (rows + width - 1) / width;
   at::parallel_for(0, groups * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t gp = begin; gp < end; ++gp) {
       const int64_t g = gp / panels, p = gp % panels;
