@@ -214,6 +214,22 @@ def test_backward_float32_larger_tiles(memory_format):
         _assert_float32_grad_close(g, r, name)
 
 
+@pytest.mark.parametrize("huge_pages", ["1", "0"])
+def test_results_above_32_mib(huge_pages, monkeypatch):
+    # Outputs and grad_input of 32 MiB or more are allocated with transparent-huge-page advice.
+    monkeypatch.setenv("LOWRANK_HUGE_PAGES", huge_pages)
+    x, wv, wh, b = _make(2, 16, 512, 520, 2, 16, 3, 3, 1, True, torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    gy = torch.randn(2, 16, 512, 520)
+    out, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
+    assert min(out.numel(), grads[0].numel()) * 4 >= 32 << 20
+    ref, ref_grads = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
+    torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])
+    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref_grads, strict=True):
+        _assert_float32_grad_close(g, r, name)
+
+
 def test_partial_gradients():
     x, wv, wh, b = _make(2, 6, 9, 10, 4, 8, 3, 3, 2, True)
     gy = torch.randn(2, 8, 9, 10, dtype=torch.float64)
