@@ -541,31 +541,89 @@ void vertical_stage_avx2(const SepConvShape& s, PixelRows x, const float* wv_pac
       [&](int64_t p) { return tpad + ((p / W) * Wp + s.pad_h + p % W) * s.kg; }, nullptr);
 }
 
+// Call-level scratch (packed weights, weight-gradient accumulators), kept by each calling
+// thread between calls: fresh buffers were page-faulted on every call (glibc hands blocks past
+// its trim threshold back to the kernel), which took 8 of the 21 ms of a batch-1 conv5_1
+// backward here. Blocks are carved out of one buffer; a buffer above 64 MiB is not kept.
+class CallWorkspace {
+ public:
+  explicit CallWorkspace(int64_t floats) : kept_(kept()) {
+    TORCH_INTERNAL_ASSERT(!kept_.in_use, "sep_conv: nested use of the call workspace");
+    if (kept_.size < floats) {
+      kept_.data.reset();
+      kept_.data.reset(new float[floats]);
+      kept_.size = floats;
+    }
+    kept_.in_use = true;
+  }
+  ~CallWorkspace() {
+    kept_.in_use = false;
+    if (kept_.size > kKeptFloats) {
+      kept_.data.reset();
+      kept_.size = 0;
+    }
+  }
+  CallWorkspace(const CallWorkspace&) = delete;
+  CallWorkspace& operator=(const CallWorkspace&) = delete;
+
+  // The next `floats` floats (64-byte aligned relative to the buffer).
+  float* take(int64_t floats) {
+    float* p = kept_.data.get() + used_;
+    used_ += round_up(floats);
+    TORCH_INTERNAL_ASSERT(used_ <= kept_.size);
+    return p;
+  }
+  static int64_t round_up(int64_t floats) { return (floats + 15) / 16 * 16; }
+
+ private:
+  struct Kept {
+    std::unique_ptr<float[]> data;
+    int64_t size = 0;
+    bool in_use = false;
+  };
+  static constexpr int64_t kKeptFloats = int64_t(16) << 20;  // 64 MiB
+  static Kept& kept() {
+    thread_local Kept k;
+    return k;
+  }
+  Kept& kept_;
+  int64_t used_ = 0;
+};
+
 // The weights packed for the kernels, per group: wv/wh as the forward reads them (panels
 // over Kg / Ng) or transposed for the data gradients (panels over Cg / Kg).
-std::unique_ptr<float[]> pack_weight_v_avx2(const SepConvShape& s, const float* wv, bool transposed) {
+int64_t packed_weight_v_size(const SepConvShape& s, bool transposed) {
+  return s.groups * avx2::packed_panels_size(transposed ? s.cg : s.kg, transposed ? s.kg : s.cg, s.dv);
+}
+int64_t packed_weight_h_size(const SepConvShape& s, bool transposed) {
+  return s.groups * avx2::packed_panels_size(transposed ? s.kg : s.ng, transposed ? s.ng : s.kg, s.dh);
+}
+const float* pack_weight_v_avx2(const SepConvShape& s, const float* wv, bool transposed, CallWorkspace& ws) {
   const int64_t rows = transposed ? s.cg : s.kg, red = transposed ? s.kg : s.cg;
-  std::unique_ptr<float[]> out(new float[s.groups * avx2::packed_panels_size(rows, red, s.dv)]);
+  float* out = ws.take(packed_weight_v_size(s, transposed));
   const int64_t group = s.kg * s.cg * s.dv;  // weight_v is (K, Cg, dv, 1)
   const avx2::WeightStrides st = transposed ? avx2::WeightStrides{group, s.dv, s.cg * s.dv, 1}
                                             : avx2::WeightStrides{group, s.cg * s.dv, s.dv, 1};
-  avx2::pack_panels(wv, st, s.groups, rows, red, s.dv, out.get());
+  avx2::pack_panels(wv, st, s.groups, rows, red, s.dv, out);
   return out;
 }
-std::unique_ptr<float[]> pack_weight_h_avx2(const SepConvShape& s, const float* wh, bool transposed) {
+const float* pack_weight_h_avx2(const SepConvShape& s, const float* wh, bool transposed, CallWorkspace& ws) {
   const int64_t rows = transposed ? s.kg : s.ng, red = transposed ? s.ng : s.kg;
-  std::unique_ptr<float[]> out(new float[s.groups * avx2::packed_panels_size(rows, red, s.dh)]);
+  float* out = ws.take(packed_weight_h_size(s, transposed));
   const int64_t group = s.ng * s.kg * s.dh;  // weight_h is (N, Kg, 1, dh)
   const avx2::WeightStrides st = transposed ? avx2::WeightStrides{group, s.dh, s.kg * s.dh, 1}
                                             : avx2::WeightStrides{group, s.kg * s.dh, s.dh, 1};
-  avx2::pack_panels(wh, st, s.groups, rows, red, s.dh, out.get());
+  avx2::pack_panels(wh, st, s.groups, rows, red, s.dh, out);
   return out;
 }
 
 template <bool CL>
 void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* wv, const float* wh, const float* bias,
                            float* y) {
-  const auto wvp = pack_weight_v_avx2(s, wv, false), whp = pack_weight_h_avx2(s, wh, false);
+  CallWorkspace ws(CallWorkspace::round_up(packed_weight_v_size(s, false)) +
+                   CallWorkspace::round_up(packed_weight_h_size(s, false)));
+  const float* wvp = pack_weight_v_avx2(s, wv, false, ws);
+  const float* whp = pack_weight_h_avx2(s, wh, false, ws);
   const int64_t wv_group = avx2::packed_panels_size(s.kg, s.cg, s.dv);
   const int64_t wh_group = avx2::packed_panels_size(s.ng, s.kg, s.dh);
   const int64_t H = s.height, W = s.width, Wp = W + 2 * s.pad_h, Ho = s.out_height, Wo = s.out_width;
@@ -588,11 +646,11 @@ void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* w
       const int64_t tt = tile % tiling.per_image;
       const int64_t r0 = tiling.begin(tt, Ho), rows = tiling.begin(tt + 1, Ho) - r0;
       const PixelRows xr = input_rows<CL>(s, x + b * in_image, g, r0 - s.pad_v, rows + halo, xbuf.get());
-      vertical_stage_avx2(s, xr, wvp.get() + g * wv_group, rows, tpad.get());
+      vertical_stage_avx2(s, xr, wvp + g * wv_group, rows, tpad.get());
       // Stage 2: output pixels (taken across row ends) = sum_j T_j * Wh_j^T, plus bias.
       float* yb = y + b * out_image;
       pixel_gemm(
-          rows * Wo, s.ng, whp.get() + g * wh_group, s.kg, static_cast<int>(s.dh), tap_h.data(),
+          rows * Wo, s.ng, whp + g * wh_group, s.kg, static_cast<int>(s.dh), tap_h.data(),
           [&](int64_t q) { return tpad.get() + ((q / Wo) * Wp + q % Wo) * s.kg; },
           [&](int64_t q) {
             return CL ? yb + ((r0 + q / Wo) * Wo + q % Wo) * s.out_channels + g * s.ng : ybuf.get() + q * s.ng;
@@ -609,9 +667,9 @@ void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* w
 //     that dt = sum_j Go_(dh-1-j) * Wh_j (the transposed horizontal conv) reads it in place;
 //   * grad_weight_h += go^T t_j and grad_weight_v += dt^T x_i over the owned rows, both
 //     reductions over pixels on the same micro-kernel (per-thread accumulators);
-//   * grad_input is written, not accumulated: the tile owns input rows [r0 - pv, r1 - pv)
-//     (the first and last tiles extend to 0 and H), and computes the dt rows those need,
-//     recomputing the vertical halo that the neighbouring tile also computes.
+//   * grad_input is written, not accumulated: the tile owns the same share of input rows
+//     as of output rows, and computes the dt rows those need, recomputing the vertical halo
+//     that the neighbouring tile also computes.
 template <bool CL>
 void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float* x, const float* wv, const float* wh,
                             float* gx, float* gwv, float* gwh) {
@@ -620,10 +678,17 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   const int64_t halo = s.dil_v * (s.dv - 1), span_h = s.dil_h * (s.dh - 1) + 1;
   const int64_t Wg = W + span_h - 1, padg = span_h - 1 - s.pad_h;  // gopad width, go's first column in it
   const bool need_dt = gx || gwv;
-  std::unique_ptr<float[]> wvp, whT, wvT;
-  if (gwh) wvp = pack_weight_v_avx2(s, wv, false);
-  if (need_dt) whT = pack_weight_h_avx2(s, wh, true);
-  if (gx) wvT = pack_weight_v_avx2(s, wv, true);
+  const int64_t wv_numel = s.rank * s.cg * s.dv, wh_numel = s.out_channels * s.kg * s.dh;
+  // Called inside another parallel region, parallel_for runs inline on this thread.
+  const bool nested = at::in_parallel_region();
+  const int64_t n_threads = nested ? 1 : at::get_num_threads();
+  const auto sized = [](bool needed, int64_t floats) { return needed ? CallWorkspace::round_up(floats) : 0; };
+  CallWorkspace ws(sized(gwh, packed_weight_v_size(s, false)) + sized(need_dt, packed_weight_h_size(s, true)) +
+                   sized(gx, packed_weight_v_size(s, true)) + sized(gwv, (n_threads - 1) * wv_numel) +
+                   sized(gwh, (n_threads - 1) * wh_numel));
+  const float* wvp = gwh ? pack_weight_v_avx2(s, wv, false, ws) : nullptr;
+  const float* whT = need_dt ? pack_weight_h_avx2(s, wh, true, ws) : nullptr;
+  const float* wvT = gx ? pack_weight_v_avx2(s, wv, true, ws) : nullptr;
   const int64_t wvp_group = k::packed_panels_size(s.kg, s.cg, s.dv);
   const int64_t whT_group = k::packed_panels_size(s.kg, s.ng, s.dh);
   const int64_t wvT_group = k::packed_panels_size(s.cg, s.kg, s.dv);
@@ -634,23 +699,32 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1, gx ? 4 * halo : 1);
   const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
   const int64_t in_image = s.in_channels * H * W, out_image = s.out_channels * Ho * Wo;
-  const int64_t wv_numel = s.rank * s.cg * s.dv, wh_numel = s.out_channels * s.kg * s.dh;
-  // Weight gradients accumulate per thread in tap-major order ([g][i][k][c], [g][j][n][k]).
-  const int64_t n_threads = at::get_num_threads();
-  std::vector<float> acc_wv(gwv ? n_threads * wv_numel : 0, 0.f), acc_wh(gwh ? n_threads * wh_numel : 0, 0.f);
+  // Weight gradients accumulate per thread in the weights' own layout: thread 0 into the
+  // result, the others into the workspace. A thread's first tile of a group writes its slice
+  // instead of accumulating (no zeroing); slices a thread never wrote are left out of the sum.
+  float* acc_wv = gwv ? ws.take((n_threads - 1) * wv_numel) : nullptr;
+  float* acc_wh = gwh ? ws.take((n_threads - 1) * wh_numel) : nullptr;
+  std::vector<char> written(n_threads * s.groups, 0);
   std::vector<int64_t> tap_dt(s.dh), tap_gx(s.dv);
   for (int64_t j = 0; j < s.dh; ++j) tap_dt[j] = (s.dh - 1 - j) * s.dil_h * s.ng;
   for (int64_t i = 0; i < s.dv; ++i) tap_gx[i] = -i * s.dil_v * W * s.kg;
   const int64_t w_lo = std::max<int64_t>(0, -padg), w_hi = std::min(Wo, Wg - padg);  // go columns kept in gopad
-  // Weight-gradient micro-tiles: kR output channels x kW channels of the packed operand.
+  // Weight-gradient micro-tiles: kR output channels x kW (channel, tap) columns of the packed operand.
   const int64_t kW = k::kPanel;
   const int kR = k::kRows;
-
+  // Packed-operand column q = channel * taps + tap (the weights' layout) reads the pixel's
+  // value at offset q / taps + (q % taps) * tap_step.
+  const auto column_offsets = [&](int64_t q0, int64_t nc, int64_t taps, int64_t tap_step, int64_t* off) {
+    for (int64_t q = 0; q < nc; ++q) off[q] = (q0 + q) / taps + (q0 + q) % taps * tap_step;
+  };
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel;
     std::vector<int64_t> row_tap;
-    float* my_wv = gwv ? acc_wv.data() + at::get_thread_num() * wv_numel : nullptr;
-    float* my_wh = gwh ? acc_wh.data() + at::get_thread_num() * wh_numel : nullptr;
+    const int64_t thread = nested ? 0 : at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(thread < n_threads);
+    float* my_wv = !gwv ? nullptr : thread == 0 ? gwv : acc_wv + (thread - 1) * wv_numel;
+    float* my_wh = !gwh ? nullptr : thread == 0 ? gwh : acc_wh + (thread - 1) * wh_numel;
+    int64_t col_off[k::kPanel];
     float* crow[k::kRows];
     const float* arow[k::kRows];
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -658,12 +732,14 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
       const int64_t g = (tile / tiling.per_image) % s.groups;
       const int64_t tt = tile % tiling.per_image;
       const int64_t r0 = tiling.begin(tt, Ho), r1 = tiling.begin(tt + 1, Ho), rows = r1 - r0;
-      // Input rows owned for grad_input, and the dt rows [e0, e1) this tile needs.
-      const int64_t h0 = tt == 0 ? 0 : std::clamp<int64_t>(r0 - s.pad_v, 0, H);
-      const int64_t h1 = tt == tiling.per_image - 1 ? H : std::clamp<int64_t>(r1 - s.pad_v, 0, H);
+      // Input rows owned for grad_input (the same share of the input's rows as [r0, r1) is of
+      // the output's, so the halo work is split evenly), and the dt rows [e0, e1) this tile needs.
+      const int64_t h0 = tiling.begin(tt, H), h1 = tiling.begin(tt + 1, H);
       const int64_t e0 = gx ? std::min(r0, h0 + s.pad_v - halo) : r0;
       const int64_t e1 = gx ? std::max(r1, h1 + s.pad_v) : r1;
       const float* gob = gy + b * out_image;
+      const bool accumulate = written[thread * s.groups + g];
+      written[thread * s.groups + g] = 1;
 
       PixelRows xr{nullptr, 0};
       if (gwh || gwv) {
@@ -682,66 +758,71 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
         }
       }
       if (gwh) {
-        // grad_weight_h[j] (Ng x Kg) += sum over owned pixels go (pixel, n) t (pixel + j*lh, k).
+        // grad_weight_h (Ng x Kg*dh) += sum over owned pixels go (pixel, n) t (pixel + j*lh, k),
+        // column k*dh + j.
         tpad.resize(rows * Wp * s.kg);
-        vertical_stage_avx2(s, xr, wvp.get() + g * wvp_group, rows, tpad.data());
-        // The t channels of a k panel are packed per tap (contiguous pixels) and reused by
-        // every n panel; go is read in place.
-        const int64_t qw = w_hi - w_lo;
+        vertical_stage_avx2(s, xr, wvp + g * wvp_group, rows, tpad.data());
+        // 24 (k, j) columns of t are packed (contiguous pixels) and reused by every n panel;
+        // go is read in place.
+        const int64_t qw = w_hi - w_lo, cols = s.kg * s.dh;
         row_tap.resize(rows);
         panel.resize(rows * qw * kW);
         for (int64_t rr = 0; rr < rows; ++rr) row_tap[rr] = ((r0 + rr - e0) * Wg + w_lo + padg) * s.ng;
-        for (int64_t j = 0; j < s.dh; ++j)
-          for (int64_t k0 = 0; k0 < s.kg; k0 += kW) {
-            const int64_t nc = std::min<int64_t>(kW, s.kg - k0);
-            for (int64_t rr = 0; rr < rows; ++rr)
-              for (int64_t w = 0; w < qw; ++w) {
-                float* d = panel.data() + (rr * qw + w) * kW;
-                std::copy_n(tpad.data() + ((rr * Wp + w_lo + w + j * s.dil_h) * s.kg + k0), nc, d);
-                std::fill(d + nc, d + kW, 0.f);
-              }
-            for (int64_t n0 = 0; n0 < s.ng; n0 += kR) {
-              const int rm = static_cast<int>(std::min<int64_t>(kR, s.ng - n0));
-              for (int m = 0; m < rm; ++m) {
-                arow[m] = gopad.data() + n0 + m;
-                crow[m] = my_wh + ((g * s.dh + j) * s.ng + n0 + m) * s.kg + k0;
-              }
-              k::kernel_tile(rm, nc,
-                             {static_cast<int>(rows), row_tap.data(), qw, arow, s.ng, panel.data(), qw * kW,
-                              kW, crow, true, nullptr});
-            }
-          }
-      }
-      if (!need_dt) continue;
-      // dt rows e0..e1 (pixel-major, Kg channels) = sum_j Go shifted * Wh_j.
-      dtbuf.resize((e1 - e0) * W * s.kg);
-      pixel_gemm(
-          (e1 - e0) * W, s.kg, whT.get() + g * whT_group, s.ng, static_cast<int>(s.dh), tap_dt.data(),
-          [&](int64_t p) { return gopad.data() + ((p / W) * Wg + p % W) * s.ng; },
-          [&](int64_t p) { return dtbuf.data() + p * s.kg; }, nullptr);
-      if (gwv) {
-        // grad_weight_v[i] (Kg x Cg) += sum over owned pixels dt (pixel, k) x (pixel + i*lv*W, c).
-        // The x channels of a c panel are packed per tap and reused by every k panel.
-        const int64_t zero = 0, P = rows * W;
-        panel.resize(P * kW);
-        for (int64_t i = 0; i < s.dv; ++i)
-          for (int64_t c0 = 0; c0 < s.cg; c0 += kW) {
-            const int64_t nc = std::min<int64_t>(kW, s.cg - c0);
-            const float* xs = xr.p + i * s.dil_v * W * xr.ld + c0;
-            for (int64_t p = 0; p < P; ++p) {
-              float* d = panel.data() + p * kW;
-              std::copy_n(xs + p * xr.ld, nc, d);
+        for (int64_t q0 = 0; q0 < cols; q0 += kW) {
+          const int64_t nc = std::min<int64_t>(kW, cols - q0);
+          column_offsets(q0, nc, s.dh, s.dil_h * s.kg, col_off);
+          for (int64_t rr = 0; rr < rows; ++rr)
+            for (int64_t w = 0; w < qw; ++w) {
+              const float* src = tpad.data() + (rr * Wp + w_lo + w) * s.kg;
+              float* d = panel.data() + (rr * qw + w) * kW;
+              for (int64_t q = 0; q < nc; ++q) d[q] = src[col_off[q]];
               std::fill(d + nc, d + kW, 0.f);
             }
-            for (int64_t k0 = 0; k0 < s.kg; k0 += kR) {
-              const int rm = static_cast<int>(std::min<int64_t>(kR, s.kg - k0));
-              for (int m = 0; m < rm; ++m) {
-                arow[m] = dtbuf.data() + (r0 - e0) * W * s.kg + k0 + m;
-                crow[m] = my_wv + ((g * s.dv + i) * s.kg + k0 + m) * s.cg + c0;
-              }
-              k::kernel_tile(rm, nc, {1, &zero, P, arow, s.kg, panel.data(), 0, kW, crow, true, nullptr});
+          for (int64_t n0 = 0; n0 < s.ng; n0 += kR) {
+            const int rm = static_cast<int>(std::min<int64_t>(kR, s.ng - n0));
+            for (int m = 0; m < rm; ++m) {
+              arow[m] = gopad.data() + n0 + m;
+              crow[m] = my_wh + (g * s.ng + n0 + m) * cols + q0;
             }
+            k::kernel_tile(rm, nc,
+                           {static_cast<int>(rows), row_tap.data(), qw, arow, s.ng, panel.data(), qw * kW, kW,
+                            crow, accumulate, nullptr});
           }
+        }
+      }
+      if (!need_dt) continue;
+      // dt rows e0..e1 (pixel-major, Kg channels) = sum_j Go shifted * Wh_j; zero outside [0, Ho).
+      dtbuf.resize((e1 - e0) * W * s.kg);
+      const int64_t d0 = std::max<int64_t>(e0, 0), d1 = std::max(d0, std::min(e1, Ho));
+      std::fill(dtbuf.begin(), dtbuf.begin() + (d0 - e0) * W * s.kg, 0.f);
+      std::fill(dtbuf.begin() + (d1 - e0) * W * s.kg, dtbuf.end(), 0.f);
+      pixel_gemm(
+          (d1 - d0) * W, s.kg, whT + g * whT_group, s.ng, static_cast<int>(s.dh), tap_dt.data(),
+          [&](int64_t p) { return gopad.data() + ((d0 - e0 + p / W) * Wg + p % W) * s.ng; },
+          [&](int64_t p) { return dtbuf.data() + ((d0 - e0) * W + p) * s.kg; }, nullptr);
+      if (gwv) {
+        // grad_weight_v (Kg x Cg*dv) += sum over owned pixels dt (pixel, k) x (pixel + i*lv*W, c),
+        // column c*dv + i. 24 (c, i) columns of x are packed and reused by every k panel.
+        const int64_t zero = 0, P = rows * W, cols = s.cg * s.dv;
+        panel.resize(P * kW);
+        for (int64_t q0 = 0; q0 < cols; q0 += kW) {
+          const int64_t nc = std::min<int64_t>(kW, cols - q0);
+          column_offsets(q0, nc, s.dv, s.dil_v * W * xr.ld, col_off);
+          for (int64_t p = 0; p < P; ++p) {
+            const float* src = xr.p + p * xr.ld;
+            float* d = panel.data() + p * kW;
+            for (int64_t q = 0; q < nc; ++q) d[q] = src[col_off[q]];
+            std::fill(d + nc, d + kW, 0.f);
+          }
+          for (int64_t k0 = 0; k0 < s.kg; k0 += kR) {
+            const int rm = static_cast<int>(std::min<int64_t>(kR, s.kg - k0));
+            for (int m = 0; m < rm; ++m) {
+              arow[m] = dtbuf.data() + (r0 - e0) * W * s.kg + k0 + m;
+              crow[m] = my_wv + (g * s.kg + k0 + m) * cols + q0;
+            }
+            k::kernel_tile(rm, nc, {1, &zero, P, arow, s.kg, panel.data(), 0, kW, crow, accumulate, nullptr});
+          }
+        }
       }
       if (gx && h1 > h0) {
         // grad_input rows h0..h1 = sum_i dt (row h + pv - i*lv) * Wv_i.
@@ -749,7 +830,7 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
         float* gxb = gx + b * in_image;
         if (!CL) gxbuf.resize(Pg * s.cg);
         pixel_gemm(
-            Pg, s.cg, wvT.get() + g * wvT_group, s.kg, static_cast<int>(s.dv), tap_gx.data(),
+            Pg, s.cg, wvT + g * wvT_group, s.kg, static_cast<int>(s.dv), tap_gx.data(),
             [&](int64_t p) { return dtbuf.data() + ((h0 + s.pad_v - e0) * W + p) * s.kg; },
             [&](int64_t p) {
               return CL ? gxb + (h0 * W + p) * s.in_channels + g * s.cg : gxbuf.data() + p * s.cg;
@@ -759,23 +840,23 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
       }
     }
   });
-  // Sum the per-thread accumulators ([g][tap][row][red]) into the weight layout
-  // (rows x red x taps per group): (K, Cg, dv) for weight_v, (N, Kg, dh) for weight_h.
-  const auto sum_threads = [&](const std::vector<float>& acc, int64_t numel, int64_t taps, int64_t rows, int64_t red,
-                               float* out) {
-    at::parallel_for(0, s.groups * taps * rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t gtr = begin; gtr < end; ++gtr) {
-        const int64_t g = gtr / (taps * rows), t = gtr / rows % taps, r = gtr % rows;
-        for (int64_t k = 0; k < red; ++k) {
-          float sum = 0.f;
-          for (int64_t th = 0; th < n_threads; ++th) sum += acc[th * numel + gtr * red + k];
-          out[((g * rows + r) * red + k) * taps + t] = sum;
+  // Add the other threads' accumulators into thread 0's (the result), per group.
+  const auto sum_threads = [&](float* out, const float* acc, int64_t numel) {
+    const int64_t per_group = numel / s.groups;
+    at::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin / per_group; g * per_group < end; ++g) {
+        const int64_t lo = std::max(begin, g * per_group), hi = std::min(end, (g + 1) * per_group);
+        if (!written[g]) std::fill(out + lo, out + hi, 0.f);
+        for (int64_t th = 1; th < n_threads; ++th) {
+          if (!written[th * s.groups + g]) continue;
+          const float* src = acc + (th - 1) * numel;
+          for (int64_t i = lo; i < hi; ++i) out[i] += src[i];
         }
       }
     });
   };
-  if (gwv) sum_threads(acc_wv, wv_numel, s.dv, s.kg, s.cg, gwv);
-  if (gwh) sum_threads(acc_wh, wh_numel, s.dh, s.ng, s.kg, gwh);
+  if (gwv) sum_threads(gwv, acc_wv, wv_numel);
+  if (gwh) sum_threads(gwh, acc_wh, wh_numel);
 }
 #endif
 
