@@ -666,10 +666,12 @@ void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* w
 //   * go rows go to gopad, pixel-major with span_h - 1 - ph zero columns on the left so
 //     that dt = sum_j Go_(dh-1-j) * Wh_j (the transposed horizontal conv) reads it in place;
 //   * grad_weight_h += go^T t_j and grad_weight_v += dt^T x_i over the owned rows, both
-//     reductions over pixels on the same micro-kernel (per-thread accumulators);
+//     reductions over pixels on the same micro-kernel (per-thread accumulators in the
+//     weights' layout, with channel-major copies of go and dt as the broadcast operand);
 //   * grad_input is written, not accumulated: the tile owns the same share of input rows
-//     as of output rows, and computes the dt rows those need, recomputing the vertical halo
-//     that the neighbouring tile also computes.
+//     as of output rows, and computes the dt rows those need. The vertical halo of dt is
+//     carried over from the thread's previous tile of the same image, and recomputed only on
+//     a thread's first tile of an image.
 template <bool CL>
 void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float* x, const float* wv, const float* wh,
                             float* gx, float* gwv, float* gwh) {
@@ -694,9 +696,11 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   const int64_t wvT_group = k::packed_panels_size(s.cg, s.kg, s.dv);
 
   const int64_t row_elems = s.cg * W * 2 + s.kg * Wp + s.ng * Wg + s.kg * W;
-  // Each tile recomputes the dL/dt rows of its vertical halo for grad_input: tiles of at
-  // least 4 halos keep that under 25% of the dL/dt work (2-row tiles on 28x28 layers doubled it).
-  const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1, gx ? 4 * halo : 1);
+  // A thread's first tile of an image recomputes the dL/dt rows of its vertical halo for
+  // grad_input (later tiles take them from the tile before). Tiles of at least 2 halos ran
+  // 2-14% faster than 4 halos (before the carry) on conv1_2-conv3_2, and than 1 halo on
+  // conv4_x, where 1-2 row tiles re-read the weights for too few pixels.
+  const Tiling tiling = choose_tiling(s, row_elems * int64_t(sizeof(float)), 1, gx ? 2 * halo : 1);
   const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
   const int64_t in_image = s.in_channels * H * W, out_image = s.out_channels * Ho * Wo;
   // Weight gradients accumulate per thread in the weights' own layout: thread 0 into the
@@ -718,8 +722,7 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
     for (int64_t q = 0; q < nc; ++q) off[q] = (q0 + q) / taps + (q0 + q) % taps * tap_step;
   };
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel;
-    std::vector<int64_t> row_tap;
+    std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel, rows_t;
     const int64_t thread = nested ? 0 : at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread < n_threads);
     float* my_wv = !gwv ? nullptr : thread == 0 ? gwv : acc_wv + (thread - 1) * wv_numel;
@@ -727,6 +730,9 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
     int64_t col_off[k::kPanel];
     float* crow[k::kRows];
     const float* arow[k::kRows];
+    // dtbuf holds the dt rows [dt_e0, dt_e1) of image dt_image (-1: none); the next tile of the
+    // same image reuses the rows they share (the vertical halo) instead of recomputing them.
+    int64_t dt_image = -1, dt_e0 = 0, dt_e1 = 0;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / (s.groups * tiling.per_image);
       const int64_t g = (tile / tiling.per_image) % s.groups;
@@ -746,10 +752,14 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
         xbuf.resize((rows + halo) * W * s.cg);
         xr = input_rows<CL>(s, x + b * in_image, g, r0 - s.pad_v, rows + halo, xbuf.data());
       }
-      // gopad rows e0..e1 (zero outside [0, Ho)).
-      gopad.assign((e1 - e0) * Wg * s.ng, 0.f);
-      for (int64_t r = std::max<int64_t>(e0, 0); r < std::min(e1, Ho); ++r) {
-        float* d = gopad.data() + ((r - e0) * Wg + w_lo + padg) * s.ng;
+      // dt rows [e0, c0) come from the previous tile; rows [d0, d1) are computed from gopad
+      // (go rows d0..d1, zero columns either side), the rest is zero (outside [0, Ho)).
+      const bool carry = need_dt && dt_image == tile / tiling.per_image && dt_e0 <= e0 && e0 < dt_e1;
+      const int64_t c0 = carry ? std::min(dt_e1, e1) : e0;
+      const int64_t d0 = std::max<int64_t>(c0, 0), d1 = std::max(d0, std::min(e1, Ho));
+      gopad.assign(need_dt ? (d1 - d0) * Wg * s.ng : 0, 0.f);
+      for (int64_t r = d0; need_dt && r < d1; ++r) {
+        float* d = gopad.data() + ((r - d0) * Wg + w_lo + padg) * s.ng;
         if (CL) {
           for (int64_t w = w_lo; w < w_hi; ++w)
             std::copy_n(gob + (r * Wo + w) * s.out_channels + g * s.ng, s.ng, d + (w - w_lo) * s.ng);
@@ -763,11 +773,20 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
         tpad.resize(rows * Wp * s.kg);
         vertical_stage_avx2(s, xr, wvp + g * wvp_group, rows, tpad.data());
         // 24 (k, j) columns of t are packed (contiguous pixels) and reused by every n panel;
-        // go is read in place.
-        const int64_t qw = w_hi - w_lo, cols = s.kg * s.dh;
-        row_tap.resize(rows);
-        panel.resize(rows * qw * kW);
-        for (int64_t rr = 0; rr < rows; ++rr) row_tap[rr] = ((r0 + rr - e0) * Wg + w_lo + padg) * s.ng;
+        // go is packed channel-major, so the broadcast operand is 4 contiguous streams (read
+        // in place, pixel-major, each reduction step touched a new cache line).
+        const int64_t qw = w_hi - w_lo, cols = s.kg * s.dh, P = rows * qw, zero = 0;
+        panel.resize(P * kW);
+        rows_t.resize(s.ng * P);
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          if (CL) {
+            k::transpose(gob + ((r0 + rr) * Wo + w_lo) * s.out_channels + g * s.ng, s.out_channels, qw, s.ng,
+                         rows_t.data() + rr * qw, P);
+          } else {
+            for (int64_t n = 0; n < s.ng; ++n)
+              std::copy_n(gob + ((g * s.ng + n) * Ho + r0 + rr) * Wo + w_lo, qw, rows_t.data() + n * P + rr * qw);
+          }
+        }
         for (int64_t q0 = 0; q0 < cols; q0 += kW) {
           const int64_t nc = std::min<int64_t>(kW, cols - q0);
           column_offsets(q0, nc, s.dh, s.dil_h * s.kg, col_off);
@@ -781,30 +800,33 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
           for (int64_t n0 = 0; n0 < s.ng; n0 += kR) {
             const int rm = static_cast<int>(std::min<int64_t>(kR, s.ng - n0));
             for (int m = 0; m < rm; ++m) {
-              arow[m] = gopad.data() + n0 + m;
+              arow[m] = rows_t.data() + (n0 + m) * P;
               crow[m] = my_wh + (g * s.ng + n0 + m) * cols + q0;
             }
-            k::kernel_tile(rm, nc,
-                           {static_cast<int>(rows), row_tap.data(), qw, arow, s.ng, panel.data(), qw * kW, kW,
-                            crow, accumulate, nullptr});
+            k::kernel_tile(rm, nc, {1, &zero, P, arow, 1, panel.data(), 0, kW, crow, accumulate, nullptr});
           }
         }
       }
       if (!need_dt) continue;
-      // dt rows e0..e1 (pixel-major, Kg channels) = sum_j Go shifted * Wh_j; zero outside [0, Ho).
-      dtbuf.resize((e1 - e0) * W * s.kg);
-      const int64_t d0 = std::max<int64_t>(e0, 0), d1 = std::max(d0, std::min(e1, Ho));
-      std::fill(dtbuf.begin(), dtbuf.begin() + (d0 - e0) * W * s.kg, 0.f);
-      std::fill(dtbuf.begin() + (d1 - e0) * W * s.kg, dtbuf.end(), 0.f);
+      // dt rows e0..e1 (pixel-major, Kg channels) = sum_j Go shifted * Wh_j.
+      const int64_t row = W * s.kg;
+      if (carry && e0 > dt_e0) std::copy(dtbuf.begin() + (e0 - dt_e0) * row, dtbuf.begin() + (c0 - dt_e0) * row, dtbuf.begin());
+      dtbuf.resize((e1 - e0) * row);
+      std::fill(dtbuf.begin() + (c0 - e0) * row, dtbuf.begin() + (d0 - e0) * row, 0.f);
+      std::fill(dtbuf.begin() + (d1 - e0) * row, dtbuf.end(), 0.f);
       pixel_gemm(
           (d1 - d0) * W, s.kg, whT + g * whT_group, s.ng, static_cast<int>(s.dh), tap_dt.data(),
-          [&](int64_t p) { return gopad.data() + ((d0 - e0 + p / W) * Wg + p % W) * s.ng; },
+          [&](int64_t p) { return gopad.data() + ((p / W) * Wg + p % W) * s.ng; },
           [&](int64_t p) { return dtbuf.data() + ((d0 - e0) * W + p) * s.kg; }, nullptr);
+      dt_image = tile / tiling.per_image, dt_e0 = e0, dt_e1 = e1;
       if (gwv) {
         // grad_weight_v (Kg x Cg*dv) += sum over owned pixels dt (pixel, k) x (pixel + i*lv*W, c),
-        // column c*dv + i. 24 (c, i) columns of x are packed and reused by every k panel.
+        // column c*dv + i. 24 (c, i) columns of x are packed and reused by every k panel; dt is
+        // transposed channel-major (as go above).
         const int64_t zero = 0, P = rows * W, cols = s.cg * s.dv;
         panel.resize(P * kW);
+        rows_t.resize(s.kg * P);
+        k::transpose(dtbuf.data() + (r0 - e0) * W * s.kg, s.kg, P, s.kg, rows_t.data(), P);
         for (int64_t q0 = 0; q0 < cols; q0 += kW) {
           const int64_t nc = std::min<int64_t>(kW, cols - q0);
           column_offsets(q0, nc, s.dv, s.dil_v * W * xr.ld, col_off);
@@ -817,10 +839,10 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
           for (int64_t k0 = 0; k0 < s.kg; k0 += kR) {
             const int rm = static_cast<int>(std::min<int64_t>(kR, s.kg - k0));
             for (int m = 0; m < rm; ++m) {
-              arow[m] = dtbuf.data() + (r0 - e0) * W * s.kg + k0 + m;
+              arow[m] = rows_t.data() + (k0 + m) * P;
               crow[m] = my_wv + (g * s.kg + k0 + m) * cols + q0;
             }
-            k::kernel_tile(rm, nc, {1, &zero, P, arow, s.kg, panel.data(), 0, kW, crow, accumulate, nullptr});
+            k::kernel_tile(rm, nc, {1, &zero, P, arow, 1, panel.data(), 0, kW, crow, accumulate, nullptr});
           }
         }
       }
@@ -884,18 +906,19 @@ bool use_avx2_path(const SepConvShape& s, at::ScalarType ct) {
 #endif
 }
 
-// An empty tensor for a large result, backed by transparent huge pages where Linux allows it.
-// glibc serves allocations above 32 MiB with a fresh mmap on every call, and faulting one in
-// 4 KiB at a time cost ~0.45 ms per MiB on the benchmark machine (45 ms for a batch-8 conv1_2
-// output, more than the convolution itself); asking for huge pages before the first write cut
-// that to ~0.09 ms per MiB. Smaller buffers come back already faulted from the heap, so they
-// are left alone. LOWRANK_HUGE_PAGES=0 turns this off (see README).
+// An empty tensor for a large result; with LOWRANK_HUGE_PAGES=1, backed by transparent huge
+// pages where Linux allows it. glibc serves allocations above 32 MiB with a fresh mmap on every
+// call, and faulting one in 4 KiB at a time took 30-45 ms per 98 MiB on the benchmark machine
+// (a batch-8 conv1_2 output: about half of sep_conv's time); huge pages took 7-15 ms when the
+// memory was recycled quickly, but 135-175 ms after the process idled a few seconds (the VM's
+// free-page reporting hands freed 2 MiB blocks back to the host). So it is opt-in, as PyTorch's
+// own THP_MEM_ALLOC_ENABLE is; smaller buffers come back already faulted from the heap.
 Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Tensor t = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const char* env = std::getenv("LOWRANK_HUGE_PAGES");
-  const bool enabled = !(env && std::string(env) == "0");
+  const bool enabled = env && std::string(env) == "1";
   if (enabled && t.nbytes() >= (size_t(32) << 20)) {
     const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);

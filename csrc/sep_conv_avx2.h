@@ -87,6 +87,15 @@ __attribute__((noinline)) void kernel(int taps, const int64_t* a_tap, int64_t kc
   for (int m = 0; m < MR; ++m)
     _Pragma("GCC unroll 8")
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  // The C rows are read only after the reduction loop; fetching them now hides the miss
+  // (weight-gradient accumulators live in L3).
+  if (accumulate) {
+    _Pragma("GCC unroll 8")
+    for (int m = 0; m < MR; ++m) {
+      _mm_prefetch(reinterpret_cast<const char*>(c[m]), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c[m] + 8 * NV - 1), _MM_HINT_T0);
+    }
+  }
   for (int t = 0; t < taps; ++t) {
     const float* ar[MR];
     _Pragma("GCC unroll 8")

@@ -214,9 +214,25 @@ def test_backward_float32_larger_tiles(memory_format):
         _assert_float32_grad_close(g, r, name)
 
 
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_backward_many_tiles_per_image(dilation, memory_format, monkeypatch):
+    # A 1 KiB tile budget gives tiles of the minimum height, so every thread runs several
+    # consecutive tiles of an image and carries the vertical halo of dL/dt from one to the next.
+    monkeypatch.setenv("LOWRANK_TILE_KB", "1")
+    x, wv, wh, b = _make(3, 8, 31, 9, 6, 10, 3, 3, 2, True, torch.float32)
+    x = x.contiguous(memory_format=memory_format)
+    args = ((1, 1), (1, 1), dilation, 2)
+    gy = torch.randn(sep_conv_reference(x, wv, wh, b, *args).shape)
+    _, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
+    _, ref = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
+    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref, strict=True):
+        _assert_float32_grad_close(g, r, name)
+
+
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
 def test_results_above_32_mib(huge_pages, monkeypatch):
-    # Outputs and grad_input of 32 MiB or more are allocated with transparent-huge-page advice.
+    # With LOWRANK_HUGE_PAGES=1, outputs and grad_input of 32 MiB or more get transparent-huge-page advice.
     monkeypatch.setenv("LOWRANK_HUGE_PAGES", huge_pages)
     x, wv, wh, b = _make(2, 16, 512, 520, 2, 16, 3, 3, 1, True, torch.float32)
     x = x.contiguous(memory_format=torch.channels_last)
