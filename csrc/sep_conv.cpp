@@ -721,6 +721,18 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   const auto column_offsets = [&](int64_t q0, int64_t nc, int64_t taps, int64_t tap_step, int64_t* off) {
     for (int64_t q = 0; q < nc; ++q) off[q] = (q0 + q) / taps + (q0 + q) % taps * tap_step;
   };
+  // One pixel's row of a packed panel: columns q0..q0 + nc of the pixel at src (offsets off).
+  // A full panel of a 3-tap weight is 8 channels x 3 taps, interleaved with AVX2 (the scalar
+  // gather was 5% of a batch-8 conv4_2 backward).
+  const auto pack_row = [&](const float* src, int64_t q0, int64_t nc, int64_t taps, int64_t tap_step,
+                            const int64_t* off, float* d) {
+    if (taps == 3 && nc == kW) {
+      k::interleave3(src + q0 / 3, tap_step, d);
+      return;
+    }
+    for (int64_t q = 0; q < nc; ++q) d[q] = src[off[q]];
+    std::fill(d + nc, d + kW, 0.f);
+  };
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel, rows_t;
     const int64_t thread = nested ? 0 : at::get_thread_num();
@@ -792,10 +804,8 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
           column_offsets(q0, nc, s.dh, s.dil_h * s.kg, col_off);
           for (int64_t rr = 0; rr < rows; ++rr)
             for (int64_t w = 0; w < qw; ++w) {
-              const float* src = tpad.data() + (rr * Wp + w_lo + w) * s.kg;
-              float* d = panel.data() + (rr * qw + w) * kW;
-              for (int64_t q = 0; q < nc; ++q) d[q] = src[col_off[q]];
-              std::fill(d + nc, d + kW, 0.f);
+              pack_row(tpad.data() + (rr * Wp + w_lo + w) * s.kg, q0, nc, s.dh, s.dil_h * s.kg, col_off,
+                       panel.data() + (rr * qw + w) * kW);
             }
           for (int64_t n0 = 0; n0 < s.ng; n0 += kR) {
             const int rm = static_cast<int>(std::min<int64_t>(kR, s.ng - n0));
@@ -831,10 +841,7 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
           const int64_t nc = std::min<int64_t>(kW, cols - q0);
           column_offsets(q0, nc, s.dv, s.dil_v * W * xr.ld, col_off);
           for (int64_t p = 0; p < P; ++p) {
-            const float* src = xr.p + p * xr.ld;
-            float* d = panel.data() + p * kW;
-            for (int64_t q = 0; q < nc; ++q) d[q] = src[col_off[q]];
-            std::fill(d + nc, d + kW, 0.f);
+            pack_row(xr.p + p * xr.ld, q0, nc, s.dv, s.dil_v * W * xr.ld, col_off, panel.data() + p * kW);
           }
           for (int64_t k0 = 0; k0 < s.kg; k0 += kR) {
             const int rm = static_cast<int>(std::min<int64_t>(kR, s.kg - k0));

@@ -201,6 +201,19 @@ inline void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t co
     }
 }
 
+// d[3*c + i] = src[i * tap_step + c] for c < 8, i < 3: eight channels at three taps,
+// interleaved channel-major (the weights' (channel, tap) order).
+inline void interleave3(const float* src, int64_t tap_step, float* d) {
+  const __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src), _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  const __m256 y =
+      _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + tap_step), _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2));
+  const __m256 z =
+      _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + 2 * tap_step), _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+  _mm256_storeu_ps(d, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x92), z, 0x24));
+  _mm256_storeu_ps(d + 8, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x24), z, 0x49));
+  _mm256_storeu_ps(d + 16, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x49), z, 0x92));
+}
+
 // Where pack_panels reads element (group g, row r, reduction index k, tap t) of a weight:
 // w[g*group + r*row + k*red + t*tap].
 struct WeightStrides {
