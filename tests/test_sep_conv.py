@@ -242,8 +242,13 @@ def test_results_above_32_mib(huge_pages, monkeypatch):
     assert min(out.numel(), grads[0].numel()) * 4 >= 32 << 20
     ref, ref_grads = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
     torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])
-    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref_grads, strict=True):
-        _assert_float32_grad_close(g, r, name)
+    _assert_float32_grad_close(grads[0], ref_grads[0], "input")
+    # The weight and bias gradients sum over 532k pixels, where float32 rounding grows with the
+    # reduction: bound the error by that of torch's own float32 convolutions on the same data.
+    _, torch32 = _grads(lambda *t: sep_conv_reference(*t, *args), x, wv, wh, b, gy)
+    for name, g, t32, r in zip(("weight_v", "weight_h", "bias"), grads[1:], torch32[1:], ref_grads[1:], strict=True):
+        ours, theirs = (g.double() - r).abs().max().item(), (t32.double() - r).abs().max().item()
+        assert ours <= 4 * theirs + 4e-6 * r.abs().max().item(), (name, ours, theirs)
 
 
 def test_partial_gradients():
