@@ -716,23 +716,6 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   // Weight-gradient micro-tiles: kR output channels x kW (channel, tap) columns of the packed operand.
   const int64_t kW = k::kPanel;
   const int kR = k::kRows;
-  // Packed-operand column q = channel * taps + tap (the weights' layout) reads the pixel's
-  // value at offset q / taps + (q % taps) * tap_step.
-  const auto column_offsets = [&](int64_t q0, int64_t nc, int64_t taps, int64_t tap_step, int64_t* off) {
-    for (int64_t q = 0; q < nc; ++q) off[q] = (q0 + q) / taps + (q0 + q) % taps * tap_step;
-  };
-  // One pixel's row of a packed panel: columns q0..q0 + nc of the pixel at src (offsets off).
-  // A full panel of a 3-tap weight is 8 channels x 3 taps, interleaved with AVX2 (the scalar
-  // gather was 5% of a batch-8 conv4_2 backward).
-  const auto pack_row = [&](const float* src, int64_t q0, int64_t nc, int64_t taps, int64_t tap_step,
-                            const int64_t* off, float* d) {
-    if (taps == 3 && nc == kW) {
-      k::interleave3(src + q0 / 3, tap_step, d);
-      return;
-    }
-    for (int64_t q = 0; q < nc; ++q) d[q] = src[off[q]];
-    std::fill(d + nc, d + kW, 0.f);
-  };
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel, rows_t;
     const int64_t thread = nested ? 0 : at::get_thread_num();
@@ -742,6 +725,39 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
     int64_t col_off[k::kPanel];
     float* crow[k::kRows];
     const float* arow[k::kRows];
+    // One weight gradient, acc (n_rows x channels*taps, column c*taps + t) += A^T B over n_pix
+    // pixels: A = rows_t (n_rows x n_pix, channel-major), B = the value of channel c at pixel p
+    // shifted by t taps, src_of(p) + c + t * tap_step, packed 24 columns at a time into `panel`
+    // and reused by every group of kR rows. A full panel of a 3-tap weight is 8 channels x 3
+    // taps, interleaved with AVX2 (the scalar gather was 5% of a batch-8 conv4_2 backward).
+    const auto weight_grad = [&](float* acc, int64_t n_rows, int64_t channels, int64_t taps, int64_t tap_step,
+                                 int64_t n_pix, bool accumulate, auto&& src_of) {
+      const int64_t cols = channels * taps, zero = 0;
+      panel.resize(n_pix * kW);
+      for (int64_t q0 = 0; q0 < cols; q0 += kW) {
+        const int64_t nc = std::min<int64_t>(kW, cols - q0);
+        const bool interleave = taps == 3 && nc == kW;
+        for (int64_t q = 0; q < nc && !interleave; ++q) col_off[q] = (q0 + q) / taps + (q0 + q) % taps * tap_step;
+        for (int64_t p = 0; p < n_pix; ++p) {
+          const float* src = src_of(p);
+          float* d = panel.data() + p * kW;
+          if (interleave) {
+            k::interleave3(src + q0 / 3, tap_step, d);
+          } else {
+            for (int64_t q = 0; q < nc; ++q) d[q] = src[col_off[q]];
+            std::fill(d + nc, d + kW, 0.f);
+          }
+        }
+        for (int64_t r0 = 0; r0 < n_rows; r0 += kR) {
+          const int rm = static_cast<int>(std::min<int64_t>(kR, n_rows - r0));
+          for (int m = 0; m < rm; ++m) {
+            arow[m] = rows_t.data() + (r0 + m) * n_pix;
+            crow[m] = acc + (r0 + m) * cols + q0;
+          }
+          k::kernel_tile(rm, nc, {1, &zero, n_pix, arow, 1, panel.data(), 0, kW, crow, accumulate, nullptr});
+        }
+      }
+    };
     // dtbuf holds the dt rows [dt_e0, dt_e1) of image dt_image (-1: none); the next tile of the
     // same image reuses the rows they share (the vertical halo) instead of recomputing them.
     int64_t dt_image = -1, dt_e0 = 0, dt_e1 = 0;
@@ -752,7 +768,7 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
       const int64_t r0 = tiling.begin(tt, Ho), r1 = tiling.begin(tt + 1, Ho), rows = r1 - r0;
       // Input rows owned for grad_input (the same share of the input's rows as [r0, r1) is of
       // the output's, so the halo work is split evenly), and the dt rows [e0, e1) this tile needs.
-      const int64_t h0 = tiling.begin(tt, H), h1 = tiling.begin(tt + 1, H);
+      const int64_t image = tile / tiling.per_image, h0 = tiling.begin(tt, H), h1 = tiling.begin(tt + 1, H);
       const int64_t e0 = gx ? std::min(r0, h0 + s.pad_v - halo) : r0;
       const int64_t e1 = gx ? std::max(r1, h1 + s.pad_v) : r1;
       const float* gob = gy + b * out_image;
@@ -766,7 +782,7 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
       }
       // dt rows [e0, c0) come from the previous tile; rows [d0, d1) are computed from gopad
       // (go rows d0..d1, zero columns either side), the rest is zero (outside [0, Ho)).
-      const bool carry = need_dt && dt_image == tile / tiling.per_image && dt_e0 <= e0 && e0 < dt_e1;
+      const bool carry = need_dt && dt_image == image && dt_e0 <= e0 && e0 < dt_e1;
       const int64_t c0 = carry ? std::min(dt_e1, e1) : e0;
       const int64_t d0 = std::max<int64_t>(c0, 0), d1 = std::max(d0, std::min(e1, Ho));
       gopad.assign(need_dt ? (d1 - d0) * Wg * s.ng : 0, 0.f);
@@ -784,11 +800,9 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
         // column k*dh + j.
         tpad.resize(rows * Wp * s.kg);
         vertical_stage_avx2(s, xr, wvp + g * wvp_group, rows, tpad.data());
-        // 24 (k, j) columns of t are packed (contiguous pixels) and reused by every n panel;
-        // go is packed channel-major, so the broadcast operand is 4 contiguous streams (read
-        // in place, pixel-major, each reduction step touched a new cache line).
-        const int64_t qw = w_hi - w_lo, cols = s.kg * s.dh, P = rows * qw, zero = 0;
-        panel.resize(P * kW);
+        // go is copied channel-major, so the broadcast operand is 4 contiguous streams (read in
+        // place, pixel-major, each reduction step touched a new cache line).
+        const int64_t qw = w_hi - w_lo, P = rows * qw;
         rows_t.resize(s.ng * P);
         for (int64_t rr = 0; rr < rows; ++rr) {
           if (CL) {
@@ -799,28 +813,14 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
               std::copy_n(gob + ((g * s.ng + n) * Ho + r0 + rr) * Wo + w_lo, qw, rows_t.data() + n * P + rr * qw);
           }
         }
-        for (int64_t q0 = 0; q0 < cols; q0 += kW) {
-          const int64_t nc = std::min<int64_t>(kW, cols - q0);
-          column_offsets(q0, nc, s.dh, s.dil_h * s.kg, col_off);
-          for (int64_t rr = 0; rr < rows; ++rr)
-            for (int64_t w = 0; w < qw; ++w) {
-              pack_row(tpad.data() + (rr * Wp + w_lo + w) * s.kg, q0, nc, s.dh, s.dil_h * s.kg, col_off,
-                       panel.data() + (rr * qw + w) * kW);
-            }
-          for (int64_t n0 = 0; n0 < s.ng; n0 += kR) {
-            const int rm = static_cast<int>(std::min<int64_t>(kR, s.ng - n0));
-            for (int m = 0; m < rm; ++m) {
-              arow[m] = rows_t.data() + (n0 + m) * P;
-              crow[m] = my_wh + (g * s.ng + n0 + m) * cols + q0;
-            }
-            k::kernel_tile(rm, nc, {1, &zero, P, arow, 1, panel.data(), 0, kW, crow, accumulate, nullptr});
-          }
-        }
+        weight_grad(my_wh + g * s.ng * s.kg * s.dh, s.ng, s.kg, s.dh, s.dil_h * s.kg, P, accumulate,
+                    [&](int64_t p) { return tpad.data() + ((p / qw) * Wp + w_lo + p % qw) * s.kg; });
       }
       if (!need_dt) continue;
       // dt rows e0..e1 (pixel-major, Kg channels) = sum_j Go shifted * Wh_j.
       const int64_t row = W * s.kg;
-      if (carry && e0 > dt_e0) std::copy(dtbuf.begin() + (e0 - dt_e0) * row, dtbuf.begin() + (c0 - dt_e0) * row, dtbuf.begin());
+      if (carry && e0 > dt_e0)
+        std::copy(dtbuf.begin() + (e0 - dt_e0) * row, dtbuf.begin() + (c0 - dt_e0) * row, dtbuf.begin());
       dtbuf.resize((e1 - e0) * row);
       std::fill(dtbuf.begin() + (c0 - e0) * row, dtbuf.begin() + (d0 - e0) * row, 0.f);
       std::fill(dtbuf.begin() + (d1 - e0) * row, dtbuf.end(), 0.f);
@@ -828,30 +828,15 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
           (d1 - d0) * W, s.kg, whT + g * whT_group, s.ng, static_cast<int>(s.dh), tap_dt.data(),
           [&](int64_t p) { return gopad.data() + ((p / W) * Wg + p % W) * s.ng; },
           [&](int64_t p) { return dtbuf.data() + ((d0 - e0) * W + p) * s.kg; }, nullptr);
-      dt_image = tile / tiling.per_image, dt_e0 = e0, dt_e1 = e1;
+      dt_image = image, dt_e0 = e0, dt_e1 = e1;
       if (gwv) {
         // grad_weight_v (Kg x Cg*dv) += sum over owned pixels dt (pixel, k) x (pixel + i*lv*W, c),
-        // column c*dv + i. 24 (c, i) columns of x are packed and reused by every k panel; dt is
-        // transposed channel-major (as go above).
-        const int64_t zero = 0, P = rows * W, cols = s.cg * s.dv;
-        panel.resize(P * kW);
+        // column c*dv + i; dt is copied channel-major (as go above).
+        const int64_t P = rows * W;
         rows_t.resize(s.kg * P);
         k::transpose(dtbuf.data() + (r0 - e0) * W * s.kg, s.kg, P, s.kg, rows_t.data(), P);
-        for (int64_t q0 = 0; q0 < cols; q0 += kW) {
-          const int64_t nc = std::min<int64_t>(kW, cols - q0);
-          column_offsets(q0, nc, s.dv, s.dil_v * W * xr.ld, col_off);
-          for (int64_t p = 0; p < P; ++p) {
-            pack_row(xr.p + p * xr.ld, q0, nc, s.dv, s.dil_v * W * xr.ld, col_off, panel.data() + p * kW);
-          }
-          for (int64_t k0 = 0; k0 < s.kg; k0 += kR) {
-            const int rm = static_cast<int>(std::min<int64_t>(kR, s.kg - k0));
-            for (int m = 0; m < rm; ++m) {
-              arow[m] = rows_t.data() + (k0 + m) * P;
-              crow[m] = my_wv + (g * s.kg + k0 + m) * cols + q0;
-            }
-            k::kernel_tile(rm, nc, {1, &zero, P, arow, 1, panel.data(), 0, kW, crow, accumulate, nullptr});
-          }
-        }
+        weight_grad(my_wv + g * s.kg * s.cg * s.dv, s.kg, s.cg, s.dv, s.dil_v * W * xr.ld, P, accumulate,
+                    [&](int64_t p) { return xr.p + p * xr.ld; });
       }
       if (gx && h1 > h0) {
         // grad_input rows h0..h1 = sum_i dt (row h + pv - i*lv) * Wv_i.
@@ -991,9 +976,9 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
   // The AVX2 path writes every element it returns; the BLAS path accumulates into zeros.
   const bool fused = use_avx2_path(s, ct) && s.batch > 0 && s.out_channels > 0;
   const auto maybe_zero = [&](Tensor t) { return fused ? t : t.zero_(); };
-  Tensor grad_input = output_mask[0]
-                          ? maybe_zero(empty_result(input.sizes(), input.options().dtype(ct).memory_format(memory_format)))
-                          : at::empty({0}, input.options());
+  const auto input_options = input.options().dtype(ct).memory_format(memory_format);
+  Tensor grad_input =
+      output_mask[0] ? maybe_zero(empty_result(input.sizes(), input_options)) : at::empty({0}, input.options());
   Tensor grad_wv = output_mask[1] ? maybe_zero(at::empty(weight_v.sizes(), weight_v.options().dtype(ct)))
                                   : at::empty({0}, weight_v.options());
   Tensor grad_wh = output_mask[2] ? maybe_zero(at::empty(weight_h.sizes(), weight_h.options().dtype(ct)))

@@ -214,6 +214,18 @@ inline void interleave3(const float* src, int64_t tap_step, float* d) {
   _mm256_storeu_ps(d + 16, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x49), z, 0x92));
 }
 
+// The inverse of interleave3: x[c] = src[3*c], y[c] = src[3*c + 1], z[c] = src[3*c + 2], c < 8.
+inline void deinterleave3(const float* src, float* x, float* y, float* z) {
+  const __m256 a = _mm256_loadu_ps(src), b = _mm256_loadu_ps(src + 8), c = _mm256_loadu_ps(src + 16);
+  // Lanes of a, b, c holding tap 0: a 0 3 6, b 1 4 7, c 2 5 (tap 1 and 2 likewise).
+  const __m256 t0 = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24);
+  const __m256 t1 = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x24), c, 0x49);
+  const __m256 t2 = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92);
+  _mm256_storeu_ps(x, _mm256_permutevar8x32_ps(t0, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5)));
+  _mm256_storeu_ps(y, _mm256_permutevar8x32_ps(t1, _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6)));
+  _mm256_storeu_ps(z, _mm256_permutevar8x32_ps(t2, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7)));
+}
+
 // Where pack_panels reads element (group g, row r, reduction index k, tap t) of a weight:
 // w[g*group + r*row + k*red + t*tap].
 struct WeightStrides {
@@ -260,29 +272,15 @@ inline void pack_panels(const float* w, WeightStrides st, int64_t groups, int64_
           }
         }
         continue;
-      } else if (st.tap == 1 && st.row == taps && taps == 3) {
+      }
+      if (st.tap == 1 && st.row == taps && taps == 3) {
         // The transposed packs of 3-tap weights: per k, a contiguous run of n x 3 floats to
         // de-interleave into the three tap rows.
-        const __m256i x_idx = _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5);
-        const __m256i y_idx = _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6);
-        const __m256i z_idx = _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7);
         for (int64_t k = 0; k < red; ++k) {
-          const float* r = src + k * st.red;
           float* ox = o + k * width;
-          float* oy = ox + red * width;
-          float* oz = oy + red * width;
           int64_t i = 0;
-          for (; i + 8 <= n; i += 8) {
-            const __m256 a = _mm256_loadu_ps(r + 3 * i), b = _mm256_loadu_ps(r + 3 * i + 8),
-                         c = _mm256_loadu_ps(r + 3 * i + 16);
-            // Lanes of a, b, c holding tap 0: a 0 3 6, b 1 4 7, c 2 5 (tap 1 and 2 likewise).
-            const __m256 x = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24);
-            const __m256 y = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x24), c, 0x49);
-            const __m256 z = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92);
-            _mm256_storeu_ps(ox + i, _mm256_permutevar8x32_ps(x, x_idx));
-            _mm256_storeu_ps(oy + i, _mm256_permutevar8x32_ps(y, y_idx));
-            _mm256_storeu_ps(oz + i, _mm256_permutevar8x32_ps(z, z_idx));
-          }
+          for (; i + 8 <= n; i += 8)
+            deinterleave3(src + k * st.red + 3 * i, ox + i, ox + red * width + i, ox + 2 * red * width + i);
           for (; i < n; ++i) put(i, k);
         }
       } else {
