@@ -189,16 +189,26 @@ inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t 
 }
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols.
+// The outer loop runs over the 8-row blocks of whichever side has the longer rows (the
+// channel planes of an NCHW tensor), so 8 of its rows are streamed at a time. Writing 8
+// pixels into all 64 planes of a 224 x 224 image before moving on (planes 49 x 4 KiB apart,
+// so every store lands in one L1 set) took 1.8-2.5 ms per 12 MiB in a harness, against 1.1-1.7.
 inline void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
-  for (int64_t i0 = 0; i0 < rows; i0 += 8)
-    for (int64_t j0 = 0; j0 < cols; j0 += 8) {
-      if (i0 + 8 <= rows && j0 + 8 <= cols) {
-        transpose_8x8(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst);
-        continue;
-      }
-      for (int64_t j = j0; j < std::min(cols, j0 + 8); ++j)
-        for (int64_t i = i0; i < std::min(rows, i0 + 8); ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+  const auto block = [&](int64_t i0, int64_t j0) {
+    if (i0 + 8 <= rows && j0 + 8 <= cols) {
+      transpose_8x8(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst);
+      return;
     }
+    for (int64_t j = j0; j < std::min(cols, j0 + 8); ++j)
+      for (int64_t i = i0; i < std::min(rows, i0 + 8); ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+  };
+  if (ld_dst > ld_src) {
+    for (int64_t j0 = 0; j0 < cols; j0 += 8)
+      for (int64_t i0 = 0; i0 < rows; i0 += 8) block(i0, j0);
+  } else {
+    for (int64_t i0 = 0; i0 < rows; i0 += 8)
+      for (int64_t j0 = 0; j0 < cols; j0 += 8) block(i0, j0);
+  }
 }
 
 // d[3*c + i] = src[i * tap_step + c] for c < 8, i < 3: eight channels at three taps,
