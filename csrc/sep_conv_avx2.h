@@ -11,8 +11,8 @@
 //
 // 4 x 24 keeps 12 ymm accumulators, three weight vectors and one broadcast in the 16 ymm
 // registers; each reduction step issues 12 FMAs against 3 loads and 4 broadcasts. (6 x 16, with
-// 2 loads and 6 broadcasts per step, ran 25% slower on Zen 3.) The callers block the reduction
-// so a weight panel (24 KiB) stays in L1 while the activation rows stream through. The same
+// 2 loads and 6 broadcasts per step, ran 25% slower on Zen 3.) Weight panels stream from L2
+// (the callers cap them at 192 KiB) along with the activation rows. The same
 // kernel, with strided operands, computes the weight gradients as reductions over pixels.
 #pragma once
 
