@@ -837,15 +837,16 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
         vertical_stage_avx2(s, xr, wvp + g * wvp_group, rows, tpad.data());
         // go is copied channel-major, so the broadcast operand is 4 contiguous streams (read in
         // place, pixel-major, each reduction step touched a new cache line).
-        const int64_t qw = w_hi - w_lo, P = rows * qw;
+        // The kept columns of the tile's rows are one run of pixels if they span whole rows.
+        const int64_t qw = w_hi - w_lo, P = rows * qw, n_runs = qw == Wo ? 1 : rows, run = P / n_runs;
         rows_t.resize(s.ng * P);
-        for (int64_t rr = 0; rr < rows; ++rr) {
+        for (int64_t q = 0; q < n_runs; ++q) {
+          const int64_t pix = (r0 + q) * Wo + w_lo;
           if (CL) {
-            k::transpose(gob + ((r0 + rr) * Wo + w_lo) * s.out_channels + g * s.ng, s.out_channels, qw, s.ng,
-                         rows_t.data() + rr * qw, P);
+            k::transpose(gob + pix * s.out_channels + g * s.ng, s.out_channels, run, s.ng, rows_t.data() + q * run, P);
           } else {
             for (int64_t n = 0; n < s.ng; ++n)
-              std::copy_n(gob + ((g * s.ng + n) * Ho + r0 + rr) * Wo + w_lo, qw, rows_t.data() + n * P + rr * qw);
+              std::copy_n(gob + (g * s.ng + n) * Ho * Wo + pix, run, rows_t.data() + n * P + q * run);
           }
         }
         weight_grad(my_wh + g * s.ng * s.kg * s.dh, s.ng, s.kg, s.dh, s.dil_h * s.kg, P, accumulate,
