@@ -463,6 +463,7 @@ void sep_conv_backward_kernel(const SepConvShape& s, const T* gy, const T* x, co
 // NCHW reads channel planes H*W apart, which for 224x224 or 112x112 planes fall into a few
 // L1 sets; the pixel-major copy avoids that, and per input element it costs about one load
 // and store against 2*Kg*dv FLOPs. wv and wh are the contiguous float weights.
+
 // Taps * channels per reduction pass: a packed weight panel of at most 192 KiB, streamed from
 // L2. Passes of 256 (a 24 KiB panel kept in L1) were 1-11% slower on VGG-16 conv3-conv5 than
 // one pass over the whole reduction (at most 1536 there): every extra pass re-reads and
@@ -749,7 +750,8 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
   const int64_t kW = k::kPanel;
   const int kR = k::kRows;
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xbuf, tpad, gopad, dtbuf, gxbuf, panel, rows_t;
+    std::vector<float> xbuf((gwh || gwv) ? (tiling.max_rows + halo) * W * s.cg : 0);
+    std::vector<float> tpad, gopad, dtbuf, gxbuf, panel, rows_t;
     const int64_t thread = nested ? 0 : at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread < n_threads);
     float* my_wv = !gwv ? nullptr : thread == 0 ? gwv : acc_wv + (thread - 1) * wv_numel;
@@ -811,7 +813,6 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
       PixelRows xr{nullptr, 0};
       if (gwh || gwv) {
         const int64_t top = r0 - s.pad_v, nin = rows + halo;
-        xbuf.resize((tiling.max_rows + halo) * W * s.cg);
         const int64_t kept = CL ? 0 : held.keep_shared_rows(image, top, nin, xbuf.data(), W * s.cg);
         xr = input_rows<CL>(s, x + b * in_image, g, top, nin, xbuf.data(), kept);
       }

@@ -192,7 +192,8 @@ inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t 
     r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
   }
   for (int j = 0; j < 8; ++j) {
-    const __m256 v = j < 4 ? _mm256_permute2f128_ps(r[j], r[j + 4], 0x20) : _mm256_permute2f128_ps(r[j - 4], r[j], 0x31);
+    const __m256 v =
+        j < 4 ? _mm256_permute2f128_ps(r[j], r[j + 4], 0x20) : _mm256_permute2f128_ps(r[j - 4], r[j], 0x31);
     if (!PARTIAL) {
       _mm256_storeu_ps(dst + j * ld_dst, v);
     } else if (j < nc) {
