@@ -4,6 +4,7 @@ nothing here asserts a timing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -205,6 +206,17 @@ def _row(name: str, batch: int, mode: str, ms: dict[str, float], ratio: float = 
         timings[key] = harness.Timing(v, v, v, v, 1)
     return {"name": name, "batch": batch, "mode": mode, "flop_ratio": ratio, "dense_flops": 4, "lowrank_flops": 1,
             "timings": timings}  # fmt: skip
+
+
+def test_spread_is_the_widest_interquartile_range_of_the_row():
+    row = _row("conv1_2", 1, "forward", {f"{c}@2": 10.0 for c in suite.CANDIDATES})
+    row["timings"]["sep_cl@2"] = harness.Timing(median_ms=5.0, q1_ms=4.0, q3_ms=6.5, min_ms=4.0, rounds=7)
+    row["timings"]["dense@2"] = harness.Timing(median_ms=20.0, q1_ms=19.0, q3_ms=22.0, min_ms=18.0, rounds=7)
+    assert suite.derived(row, 2)["spread_pct"] == pytest.approx(50.0)  # sep_cl: 2.5 / 5
+    layer = dataclasses.asdict(suite.parse_layers(TINY)[0])
+    row |= {"layer": layer, "max_rel_error": {}, "check_tolerance": 1.0, "peak_memory_mib": {}, "output_mib": 1.0}
+    table = suite.format_tables([row], 2)
+    assert "IQR %" in table and table.splitlines()[-1].split()[-2] == "50"
 
 
 def test_targets_pass_and_fail_on_synthetic_rows():

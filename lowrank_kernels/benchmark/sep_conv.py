@@ -302,8 +302,9 @@ def measure_row(
 
 
 def derived(row: dict[str, Any], threads: int | None) -> dict[str, Any]:
-    """Per-row numbers at one thread count: ms, GFLOP/s, speedups, efficiency."""
-    ms = {name: row["timings"][_key(name, threads)].median_ms for name in CANDIDATES}
+    """Per-row numbers at one thread count: ms, GFLOP/s, speedups, efficiency, spread."""
+    timings = {name: row["timings"][_key(name, threads)] for name in CANDIDATES}
+    ms = {name: t.median_ms for name, t in timings.items()}
     best_dense = min(ms["dense"], ms["dense_cl"])
     best_unfused = min(ms["unfused"], ms["unfused_cl"])
     ratio = row["flop_ratio"]
@@ -312,6 +313,9 @@ def derived(row: dict[str, Any], threads: int | None) -> dict[str, Any]:
         name: (row["dense_flops"] if name.startswith("dense") else row["lowrank_flops"]) / (t * 1e6)
         for name, t in ms.items()
     }
+    # How far apart the rounds were: the widest interquartile range of the row's candidates, in %
+    # of that candidate's median (a noise indicator; the medians themselves vary less).
+    out["spread_pct"] = max(100 * (t.q3_ms - t.q1_ms) / t.median_ms for t in timings.values())
     out["unfused_speedup"] = best_dense / best_unfused
     for sep in SEP_FORMATS:
         out[f"{sep}_speedup"] = best_dense / ms[sep]
@@ -438,6 +442,7 @@ def format_tables(rows: Sequence[dict[str, Any]], threads: int | None) -> str:
                 **{f"MiB {n}": _fmt(mem.get(n), ".1f") for n in ("unfused", "unfused_cl", "sep", "sep_cl")},
                 "MiB out": _fmt(r["output_mib"], ".1f"),
                 "cores": _fmt(r.get("cores_used")),
+                "IQR %": _fmt(d["spread_pct"], ".0f"),
                 "check": "ok" if not bad else "WRONG " + ",".join(bad),
             }
         )
@@ -456,6 +461,8 @@ eff: sep_conv GFLOP/s / dense* GFLOP/s (= x / FLOP ratio). MiB: peak extra memor
 cores: CPU cores the process got while timing the row (CPU time / wall time). Undisturbed: about
 the thread count (about 1.3-1.5 with --threads 1,2 interleaved); far below it = other processes
 took the CPU and the row is noisy.
+IQR %: the widest interquartile range over the rounds among the row's candidates, in % of that
+candidate's median. High = the rounds disagreed and the row's ratios are less certain.
 check: sep_conv's result against the unfused pair (max rel. error <= tolerance)."""
 
 
