@@ -676,8 +676,8 @@ void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* w
       const int64_t g = (tile / tiling.per_image) % s.groups;
       const int64_t tt = tile % tiling.per_image;
       const int64_t r0 = tiling.begin(tt, Ho), rows = tiling.begin(tt + 1, Ho) - r0;
-      const int64_t top = r0 - s.pad_v, nin = rows + halo;
-      const int64_t kept = CL ? 0 : held.keep_shared_rows(tile / tiling.per_image, top, nin, xbuf.get(), W * s.cg);
+      const int64_t image = tile / tiling.per_image, top = r0 - s.pad_v, nin = rows + halo;
+      const int64_t kept = CL ? 0 : held.keep_shared_rows(image, top, nin, xbuf.get(), W * s.cg);
       const PixelRows xr = input_rows<CL>(s, x + b * in_image, g, top, nin, xbuf.get(), kept);
       vertical_stage_avx2(s, xr, wvp + g * wv_group, rows, tpad.get());
       // Stage 2: output pixels (taken across row ends) = sum_j T_j * Wh_j^T, plus bias.

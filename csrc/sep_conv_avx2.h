@@ -280,18 +280,11 @@ inline void pack_panels(const float* w, WeightStrides st, int64_t groups, int64_
         // L1 sets, and 32-byte stores scattered over the panel miss L1.)
         constexpr int64_t kChunk = 64;
         alignas(32) float blk[kChunk * kPanel];
+        if (n < width) std::fill(blk, blk + kChunk * kPanel, 0.f);  // columns past n stay zero
         const int64_t cols = red * taps;
         for (int64_t q0 = 0; q0 < cols; q0 += kChunk) {
           const int64_t nq = std::min(kChunk, cols - q0);
-          for (int64_t i0 = 0; i0 < width; i0 += 8)
-            for (int64_t j = 0; j < nq; j += 8) {
-              if (i0 + 8 <= n && j + 8 <= nq) {
-                transpose_8x8(src + i0 * st.row + q0 + j, st.row, blk + j * width + i0, width);
-                continue;
-              }
-              for (int64_t q = j; q < std::min(nq, j + 8); ++q)
-                for (int64_t i = i0; i < i0 + 8; ++i) blk[q * width + i] = i < n ? src[i * st.row + q0 + q] : 0.f;
-            }
+          transpose(src + q0, st.row, n, nq, blk, width);
           for (int64_t q = 0; q < nq; ++q) {
             float* d = o + ((q0 + q) % taps * red + (q0 + q) / taps) * width;
             for (int64_t v = 0; v < width; v += 8) _mm256_storeu_ps(d + v, _mm256_load_ps(blk + q * width + v));
