@@ -152,6 +152,15 @@ def _grads(fn, x, wv, wh, b, grad_out):
     return out, [t.grad if t is not None else None for t in leaves]
 
 
+def _check_float32_grads(x, wv, wh, b, args, gy):
+    """Gradients of the float32 op against the float64 reference; returns both outputs."""
+    out, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
+    ref, ref_grads = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
+    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref_grads, strict=True):
+        _assert_float32_grad_close(g, r, name)
+    return out, ref
+
+
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"s{s[0]}p{s[1]}d{s[2]}")
 @pytest.mark.parametrize("dvdh_groups", [((3, 3), 1), ((5, 1), 2), ((1, 3), 4), ((3, 5), 1), ((7, 3), 2)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -194,11 +203,8 @@ def test_float32_wide_channels_forward_and_backward(shape, memory_format):
     x = x.contiguous(memory_format=memory_format)
     args = ((1, 1), padding, dilation, groups)
     gy = torch.randn(sep_conv_reference(x, wv, wh, b, *args).shape)
-    out, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
-    ref, ref_grads = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
+    out, ref = _check_float32_grads(x, wv, wh, b, args, gy)
     torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])
-    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref_grads, strict=True):
-        _assert_float32_grad_close(g, r, name)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -208,10 +214,7 @@ def test_backward_float32_larger_tiles(memory_format):
     x = x.contiguous(memory_format=memory_format)
     args = ((1, 1), (1, 1), (1, 1), 1)
     gy = torch.randn(2, 24, 40, 37)
-    _, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
-    _, ref = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b)), gy.double())
-    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref, strict=True):
-        _assert_float32_grad_close(g, r, name)
+    _check_float32_grads(x, wv, wh, b, args, gy)
 
 
 @pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
@@ -224,10 +227,7 @@ def test_backward_many_tiles_per_image(dilation, memory_format, monkeypatch):
     x = x.contiguous(memory_format=memory_format)
     args = ((1, 1), (1, 1), dilation, 2)
     gy = torch.randn(sep_conv_reference(x, wv, wh, b, *args).shape)
-    _, grads = _grads(lambda *t: lk.sep_conv(*t, *args), x, wv, wh, b, gy)
-    _, ref = _grads(lambda *t: sep_conv_reference(*t, *args), *(t.double() for t in (x, wv, wh, b, gy)))
-    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), grads, ref, strict=True):
-        _assert_float32_grad_close(g, r, name)
+    _check_float32_grads(x, wv, wh, b, args, gy)
 
 
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
