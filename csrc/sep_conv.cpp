@@ -127,6 +127,16 @@ struct Tiling {
   int64_t per_image = 1;  // tiles per (batch, group) image
   int64_t max_rows = 1;
   int64_t begin(int64_t t, int64_t out_height) const { return t * out_height / per_image; }
+
+  // Where tile number `tile` of a call lies: its image (= b * groups + g), batch b, group g and
+  // its index tt among the image's tiles.
+  struct Location {
+    int64_t image, b, g, tt;
+  };
+  Location locate(int64_t tile, int64_t groups) const {
+    const int64_t image = tile / per_image;
+    return {image, image / groups, image % groups, tile % per_image};
+  }
 };
 
 // Per-thread buffers of about `budget` bytes. 512 KiB (this machine's L2) measured best on
@@ -332,9 +342,8 @@ void sep_conv_forward_kernel(const SepConvShape& s, const T* x, const T* wvp, co
     T* t = buf.data();
     T* tcols = t + tiling.max_rows * s.kg * s.width;
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b = tile / (s.groups * tiling.per_image);
-      const int64_t g = (tile / tiling.per_image) % s.groups;
-      const int64_t tt = tile % tiling.per_image;
+      const Tiling::Location at = tiling.locate(tile, s.groups);
+      const int64_t b = at.b, g = at.g, tt = at.tt;
       const int64_t r0 = tiling.begin(tt, s.out_height), r1 = tiling.begin(tt + 1, s.out_height);
       const int64_t rows = r1 - r0, Q = rows * s.out_width;
       vertical_stage<T, CL>(s, x + b * in_image, wvp, g, r0, r1, t);
@@ -672,12 +681,11 @@ void sep_conv_forward_avx2(const SepConvShape& s, const float* x, const float* w
     const std::unique_ptr<float[]> ybuf(new float[CL ? 0 : max_rows * Wo * s.ng]);
     HeldRows held;
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b = tile / (s.groups * tiling.per_image);
-      const int64_t g = (tile / tiling.per_image) % s.groups;
-      const int64_t tt = tile % tiling.per_image;
+      const Tiling::Location at = tiling.locate(tile, s.groups);
+      const int64_t b = at.b, g = at.g, tt = at.tt;
       const int64_t r0 = tiling.begin(tt, Ho), rows = tiling.begin(tt + 1, Ho) - r0;
-      const int64_t image = tile / tiling.per_image, top = r0 - s.pad_v, nin = rows + halo;
-      const int64_t kept = CL ? 0 : held.keep_shared_rows(image, top, nin, xbuf.get(), W * s.cg);
+      const int64_t top = r0 - s.pad_v, nin = rows + halo;
+      const int64_t kept = CL ? 0 : held.keep_shared_rows(at.image, top, nin, xbuf.get(), W * s.cg);
       const PixelRows xr = input_rows<CL>(s, x + b * in_image, g, top, nin, xbuf.get(), kept);
       vertical_stage_avx2(s, xr, wvp + g * wv_group, rows, tpad.get());
       // Stage 2: output pixels (taken across row ends) = sum_j T_j * Wh_j^T, plus bias.
@@ -797,13 +805,12 @@ void sep_conv_backward_avx2(const SepConvShape& s, const float* gy, const float*
     int64_t dt_image = -1, dt_e0 = 0, dt_e1 = 0;
     HeldRows held;
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b = tile / (s.groups * tiling.per_image);
-      const int64_t g = (tile / tiling.per_image) % s.groups;
-      const int64_t tt = tile % tiling.per_image;
+      const Tiling::Location at = tiling.locate(tile, s.groups);
+      const int64_t b = at.b, g = at.g, tt = at.tt;
       const int64_t r0 = tiling.begin(tt, Ho), r1 = tiling.begin(tt + 1, Ho), rows = r1 - r0;
       // Input rows owned for grad_input (the same share of the input's rows as [r0, r1) is of
       // the output's, so the halo work is split evenly), and the dt rows [e0, e1) this tile needs.
-      const int64_t image = tile / tiling.per_image, h0 = tiling.begin(tt, H), h1 = tiling.begin(tt + 1, H);
+      const int64_t image = at.image, h0 = tiling.begin(tt, H), h1 = tiling.begin(tt + 1, H);
       const int64_t e0 = gx ? std::min(r0, h0 + s.pad_v - halo) : r0;
       const int64_t e1 = gx ? std::max(r1, h1 + s.pad_v) : r1;
       const float* gob = gy + b * out_image;
