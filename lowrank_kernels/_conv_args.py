@@ -3,6 +3,7 @@ and checks them the way the C++ kernel does (used by the fake kernel and the Tri
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -10,16 +11,26 @@ import torch
 IntOrPair = int | Sequence[int]
 
 
-def _pair(value: IntOrPair, name: str) -> list[int]:
-    if isinstance(value, bool):
-        raise ValueError(f"sep_conv: {name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return [value, value]
+def _as_int(value: object) -> int | None:
+    """`value` as a Python int when it is an integer the way nn.Conv2d's sizes may be (int, numpy
+    integer, anything with __index__), else None; bools and tensors are not sizes."""
+    if isinstance(value, bool | torch.Tensor):
+        return None
     try:
-        items = list(value)
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _pair(value: IntOrPair, name: str) -> list[int]:
+    single = _as_int(value)
+    if single is not None:
+        return [single, single]
+    try:
+        items = [_as_int(v) for v in value]
     except TypeError:
         raise ValueError(f"sep_conv: {name} must be an int or a pair of ints, got {value!r}") from None
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+    if len(items) != 2 or None in items:
         raise ValueError(f"sep_conv: {name} must be an int or a pair of ints, got {value!r}")
     return items
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._conv_args import _as_int
+
 __all__ = ["batched_svd"]
 
 _DEFAULT_MAX_SWEEPS = 40
@@ -65,10 +67,13 @@ def batched_svd(
     Autograd: gradients for U, S and Vh; finite for repeated, zero and rank-deficient
     singular values (see the module docstring for the exact treatment).
     """
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
-        raise ValueError(f"batched_svd: rank must be an int or None, got {rank!r}")
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
+    if rank is not None:
+        if _as_int(rank) is None:
+            raise ValueError(f"batched_svd: rank must be an int or None, got {rank!r}")
+        rank = _as_int(rank)
+    if _as_int(max_sweeps) is None:
         raise ValueError(f"batched_svd: max_sweeps must be an int, got {max_sweeps!r}")
+    max_sweeps = _as_int(max_sweeps)
     if not isinstance(A, torch.Tensor):
         raise ValueError(f"batched_svd: A must be a Tensor, got {type(A).__name__}")
     return torch.ops.lowrank.batched_svd(A, rank, max_sweeps)

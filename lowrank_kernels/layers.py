@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._conv_args import IntOrPair, _pair
+from ._conv_args import IntOrPair, _as_int, _pair
 from .sep_conv import sep_conv
 
 __all__ = ["SepConv2d", "LowRankLinear"]
@@ -31,9 +31,10 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _check_rank(rank: int, name: str = "rank") -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    value = _as_int(rank)
+    if value is None or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {rank!r}")
-    return rank
+    return value
 
 
 def _check_energy(energy: float) -> float:
@@ -165,9 +166,11 @@ class SepConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        in_channels, out_channels, groups = (
             _check_rank(v, name)
-        _check_rank(rank)
+            for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups))
+        )
+        rank = _check_rank(rank)
         if in_channels % groups or out_channels % groups or rank % groups:
             raise ValueError(
                 f"in_channels ({in_channels}), out_channels ({out_channels}) and rank ({rank}) "

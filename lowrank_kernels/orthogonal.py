@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ._conv_args import _as_int
 from .householder_product import householder_product
 
 __all__ = ["OrthogonalConv2d", "orthogonality_loss", "orthonormality_loss"]
@@ -142,8 +143,9 @@ class OrthogonalConv2d(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if _as_int(value) is None or _as_int(value) <= 0:
                 raise ValueError(f"OrthogonalConv2d: {name} must be a positive int, got {value!r}")
+        in_channels, out_channels = _as_int(in_channels), _as_int(out_channels)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)

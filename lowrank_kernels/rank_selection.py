@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._conv_args import _conv_out_size
+from ._conv_args import _as_int, _conv_out_size
 from .benchmark.harness import time_interleaved
 from .layers import (
     LowRankLinear,
@@ -306,7 +306,7 @@ def _check_rule_args(rank, energy, reduction, mac_budget) -> str:
     if len(given) != 1:
         raise ValueError(f"give exactly one of rank=, energy=, reduction=, mac_budget= (got {sorted(given) or 'none'})")
     ((name, value),) = given.items()
-    if name == "rank" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+    if name == "rank" and (_as_int(value) is None or _as_int(value) <= 0):
         raise ValueError(f"rank must be a positive int, got {value!r}")
     if name == "energy":
         _check_energy(value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
-from ._conv_args import IntOrPair, _check_sep_conv, _pair
+from ._conv_args import IntOrPair, _as_int, _check_sep_conv, _pair
 
 __all__ = ["sep_conv"]
 
@@ -40,7 +40,8 @@ def sep_conv(
             applies to the first conv, the horizontal one to the second.
         groups: applied to both convolutions.
     """
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    group_count = _as_int(groups)
+    if group_count is None:
         raise ValueError(f"sep_conv: groups must be an int, got {groups!r}")
     return torch.ops.lowrank.sep_conv(
         input,
@@ -50,7 +51,7 @@ def sep_conv(
         _pair(stride, "stride"),
         _pair(padding, "padding"),
         _pair(dilation, "dilation"),
-        groups,
+        group_count,
     )
 
 

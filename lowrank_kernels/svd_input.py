@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._conv_args import _as_int
 from .batched_svd import batched_svd
 
 __all__ = ["SVDInput", "SVDInputNet"]
@@ -38,9 +39,9 @@ class SVDInput(nn.Module):
 
     def __init__(self, rank: int, cache: bool = False) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if _as_int(rank) is None or _as_int(rank) < 1:
             raise ValueError(f"SVDInput: rank must be a positive int, got {rank!r}")
-        self.rank = rank
+        self.rank = _as_int(rank)
         self.cache = cache
         self._store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.hits = 0
