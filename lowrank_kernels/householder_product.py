@@ -76,7 +76,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(A, tau)
 
 
+def _differentiable_grads(ctx, grad):
+    """The backward as a differentiable graph, for create_graph=True (double backward): the
+    gradients of torch.linalg.householder_product, whose backward autograd can differentiate."""
+    need = ctx.needs_input_grad
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
+        wanted = [t for t, n in zip(leaves, need) if n]
+        out = torch.linalg.householder_product(*leaves)
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True) if wanted else ())
+    return tuple(next(grads) if n else None for n in need)
+
+
 def _backward(ctx, grad):
+    if torch.is_grad_enabled():  # backward(create_graph=True): differentiate torch's composite backward
+        return _differentiable_grads(ctx, grad)
     A, tau = ctx.saved_tensors
     grad_a, grad_tau = torch.ops.lowrank.householder_product_backward(grad, A, tau)
     need_a, need_tau = ctx.needs_input_grad

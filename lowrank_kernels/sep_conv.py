@@ -87,9 +87,27 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _differentiable_grads(ctx, grad_out):
+    """The backward as a differentiable graph, for create_graph=True (double backward, gradient
+    penalties): the gradients of the two-conv reference, which autograd can differentiate again.
+    Only this case materializes the rank-K intermediate; a plain backward stays fused."""
+    from ._reference import sep_conv_reference
+
+    need = ctx.needs_input_grad
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
+        wanted = [t for t, n in zip(leaves, need[:3]) if n]
+        out = sep_conv_reference(*leaves, None, *ctx.conv_args)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True) if wanted else ())
+    grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and need[3] else None
+    return (*(next(grads) if n else None for n in need[:3]), grad_bias, None, None, None, None)
+
+
 def _sep_conv_grads(ctx, grad_out, backward_op):
     """Autograd backward of sep_conv given the op computing (grad_input, grad_wv, grad_wh);
     shared by the registered autograd and the Triton interpreter path."""
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient itself gets a graph
+        return _differentiable_grads(ctx, grad_out)
     input, weight_v, weight_h = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_input, grad_wv, grad_wh = backward_op(

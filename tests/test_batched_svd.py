@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 import lowrank_kernels as lk
 from lowrank_kernels._reference import batched_svd_reference
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+from tolerances import svd_backward_error, truncation_gap_factor
 
 
 def _orth_err(Q: torch.Tensor) -> float:
@@ -25,26 +24,38 @@ def _orth_err(Q: torch.Tensor) -> float:
     return (Q.double().mT @ Q.double() - eye).flatten(-2).norm(dim=-1).max().item()
 
 
+def orth_tol(dtype: torch.dtype, m: int, n: int) -> float:
+    """Bound on ||Q^T Q - I||_F for the k = min(m, n) computed singular vectors: the backward
+    error per column pair, over the Frobenius norm of k columns."""
+    return svd_backward_error(dtype, m, n) * math.sqrt(min(m, n))
+
+
 def check_svd(A: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank=None, scale=1.0):
-    """Assert the batched_svd contract for A against float64 LAPACK."""
+    """Assert the batched_svd contract for A against float64 LAPACK, within the bounds of a
+    backward-stable SVD (tests/tolerances.py); `scale` widens them for an algorithm whose error
+    constant is larger (the Triton kernel's Jacobi rotations accumulate in the input dtype)."""
     *batch, m, n = A.shape
     k = min(m, n) if rank is None else rank
     assert U.shape == (*batch, m, k) and S.shape == (*batch, k) and Vh.shape == (*batch, k, n)
     assert U.dtype == S.dtype == Vh.dtype == A.dtype
     if A.numel() == 0:
         return
-    tol = TOL[A.dtype] * scale
+    err = svd_backward_error(A.dtype, m, n) * scale  # ||E||_2 / ||A||_2
     Ur, Sr, Vhr = batched_svd_reference(A.double(), k)
     assert (S >= 0).all()
     assert (S[..., :-1] >= S[..., 1:]).all(), "singular values not sorted descending"
-    norm = A.double().flatten(-2).norm(dim=-1).clamp_min(1e-300)
-    assert ((S.double() - Sr).norm(dim=-1) / norm).max() <= tol
-    # Truncated reconstruction against the reference's best rank-k approximation.
+    norm = A.double().flatten(-2).norm(dim=-1).clamp_min(1e-300)  # >= ||A||_2
+    # Weyl: each singular value moves by at most ||E||_2.
+    assert ((S.double() - Sr).abs().amax(dim=-1) / norm).max() <= err
+    # Wedin: the rank-k truncation moves by ||E||_2 (1 + 2 sigma_1 / gap_k) in the 2-norm, and its
+    # difference has rank <= 2k, so sqrt(2k) times that in the Frobenius norm.
+    full_S = torch.linalg.svdvals(A.double())
+    bound = err * truncation_gap_factor(full_S, k) * math.sqrt(2 * k)
     rec = U.double() @ torch.diag_embed(S.double()) @ Vh.double()
     rec_ref = Ur @ torch.diag_embed(Sr) @ Vhr
-    assert ((rec - rec_ref).flatten(-2).norm(dim=-1) / norm).max() <= tol
-    assert _orth_err(U) <= tol
-    assert _orth_err(Vh.mT) <= tol
+    assert ((rec - rec_ref).flatten(-2).norm(dim=-1) / norm <= bound).all()
+    assert _orth_err(U) <= orth_tol(A.dtype, m, n) * scale
+    assert _orth_err(Vh.mT) <= orth_tol(A.dtype, m, n) * scale
 
 
 SHAPES = [
@@ -124,7 +135,7 @@ def test_degenerate(sigma, m, n, dtype):
     U, S, Vh = lk.batched_svd(A)
     check_svd(A, U, S, Vh)
     # rank-deficient: U is still completed to an orthonormal set
-    assert _orth_err(U) <= TOL[dtype]
+    assert _orth_err(U) <= orth_tol(dtype, m, n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -208,7 +219,6 @@ def test_float32_mixed_structure_in_one_group():
     for order in (A, A.flip(0), A[torch.randperm(len(mats), generator=g)]):
         U, S, Vh = lk.batched_svd(order)
         check_svd(order, U, S, Vh)
-        assert _orth_err(U) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("n", [32, 64])
@@ -217,7 +227,6 @@ def test_float32_rank_deficient_large(n):
     A = _with_singular_values(sigma, n, n, batch=5, dtype=torch.float32, seed=n)
     U, S, Vh = lk.batched_svd(A)
     check_svd(A, U, S, Vh)
-    assert _orth_err(U) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -289,18 +298,16 @@ def test_gradient_matches_torch_when_defined():
     "sigma,m,n",
     [([2.0, 2.0, 2.0, 1.0], 4, 4), ([1.0, 1.0, 0.0, 0.0], 5, 4), ([3.0, 0.0, 0.0], 3, 6)],
 )
-def test_gradient_degenerate_is_finite_where_torch_is_not(sigma, m, n):
+def test_gradient_degenerate_is_finite(sigma, m, n):
     A = _with_singular_values(sigma, m, n, batch=2, dtype=torch.float64, seed=9).requires_grad_()
     G = torch.randn(2, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
 
     def loss(U, S, Vh):  # depends on the (arbitrary) basis of the degenerate subspace
         return U.sum() + Vh.pow(3).sum() + S.sum() + (((U * S.unsqueeze(-2)) @ Vh) * G).sum()
 
+    # The textbook formula divides by sigma_j^2 - sigma_i^2 = 0 here; our contract is a finite gradient.
     loss(*lk.batched_svd(A)).backward()
     assert torch.isfinite(A.grad).all()
-    A_t = A.detach().clone().requires_grad_()
-    loss(*torch.linalg.svd(A_t, full_matrices=False)).backward()
-    assert not torch.isfinite(A_t.grad).all(), "expected torch's gradient to be non-finite here"
 
 
 def test_gradient_exact_for_subspace_and_spectral_losses_at_degeneracy():

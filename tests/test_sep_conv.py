@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._prims_common import suggest_memory_format
 
 import lowrank_kernels as lk
 from lowrank_kernels._reference import sep_conv_reference
@@ -35,7 +36,7 @@ def _run(fn, tensors, gy, needs=(True, True, True, True)):
     return out.detach(), [t.grad if t is not None else None for t in leaves]
 
 
-def _check_against_reference(x, wv, wh, b, args, gy=None, out_format=None, needs=(True, True, True, True)):
+def _check_against_reference(x, wv, wh, b, args, gy=None, needs=(True, True, True, True)):
     """lk.sep_conv (and with gy the gradients flagged in `needs`) in x's dtype against the float64
     two-conv reference, each element within the rounding bound of its sums (tests/tolerances.py):
     the reference run on absolute values gives the magnitude of every sum, the sizes give the
@@ -47,8 +48,8 @@ def _check_against_reference(x, wv, wh, b, args, gy=None, out_format=None, needs
     absolute = [t.abs() if t is not None else None for t in as64]
     mag, mag_grads = _run(lambda *t: sep_conv_reference(*t, *args), absolute, None if gy is None else gy.double().abs())
     assert out.dtype == dtype
-    if out_format is not None and out.numel() > 0:  # an empty tensor has no layout to keep
-        assert out.is_contiguous(memory_format=out_format)
+    if out.numel() > 0:  # the output keeps the input's memory format, as F.conv2d's does
+        assert out.is_contiguous(memory_format=suggest_memory_format(x))
     B, _, _, W = x.shape
     groups = args[3]
     Cg, dv, Kg, dh = wv.shape[1], wv.shape[2], wh.shape[1], wh.shape[3]
@@ -106,7 +107,7 @@ def test_forward_matches_reference(split, dvdh, groups, memory_format, dtype):
     dv, dh = dvdh
     x, wv, wh, b = _make(2, 12, 7, 13, 8, 20, dv, dh, groups, True, dtype)
     x = x.contiguous(memory_format=memory_format)
-    _check_against_reference(x, wv, wh, b, (stride, padding, dilation, groups), out_format=memory_format)
+    _check_against_reference(x, wv, wh, b, (stride, padding, dilation, groups))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -127,7 +128,7 @@ def test_forward_dtypes_and_bias(dtype, bias, memory_format, shape):
     x, wv, wh, b = _make(B, C, H, W, K, N, dv, dh, groups, bias, dtype)
     x = x.contiguous(memory_format=memory_format)
     args = ((1, 1), (dv // 2, dh // 2), (1, 1), groups)
-    _check_against_reference(x, wv, wh, b, args, out_format=memory_format)
+    _check_against_reference(x, wv, wh, b, args)
 
 
 def test_conv_style_arguments():
@@ -184,7 +185,7 @@ def test_16_bit_forward_and_backward(dtype, memory_format):
     x, wv, wh, b = (t.to(dtype) for t in _make(2, 8, 9, 10, 4, 6, 3, 3, 1, True, torch.float32))
     x = x.contiguous(memory_format=memory_format)
     gy = torch.randn(2, 6, 9, 10).to(dtype).contiguous(memory_format=memory_format)
-    _check_against_reference(x, wv, wh, b, ((1, 1), (1, 1), (1, 1), 1), gy, out_format=memory_format)
+    _check_against_reference(x, wv, wh, b, ((1, 1), (1, 1), (1, 1), 1), gy)
 
 
 # --- backward -------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_backward_matches_reference(split, dvdh_groups, memory_format, dtype):
     args = (stride, padding, dilation, groups)
     out_shape = sep_conv_reference(x, wv, wh, b, *args).shape
     gy = torch.randn(out_shape, dtype=dtype).contiguous(memory_format=memory_format)
-    _check_against_reference(x, wv, wh, b, args, gy, out_format=memory_format)
+    _check_against_reference(x, wv, wh, b, args, gy)
     x_leaf = x.clone().requires_grad_()
     lk.sep_conv(x_leaf, wv, wh, b, *args).backward(gy)
     assert x_leaf.grad.is_contiguous(memory_format=memory_format)
@@ -281,6 +282,25 @@ def test_gradcheck_float64(args):
     x, wv, wh, b = _make(2, 4, 7, 9, 2, 4, 3, 3, args[3], True)
     inputs = [t.clone().requires_grad_() for t in (x, wv, wh, b)]
     assert torch.autograd.gradcheck(lambda *t: lk.sep_conv(*t, *args), inputs)
+
+
+@pytest.mark.parametrize("args", [((1, 1), (1, 1), (1, 1), 1), ((2, 1), (0, 2), (1, 2), 2)])
+def test_double_backward(args):
+    # create_graph=True gives a differentiable gradient (gradient penalties, Hessian-vector products).
+    x, wv, wh, b = _make(2, 4, 7, 9, 2, 4, 3, 3, args[3], True)
+    inputs = [t.clone().requires_grad_() for t in (x, wv, wh, b)]
+    assert torch.autograd.gradgradcheck(lambda *t: lk.sep_conv(*t, *args), inputs)
+
+    def penalty(fn, tensors):  # || d sum(out^2) / d input ||^2, differentiated once more
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        (g,) = torch.autograd.grad(fn(*leaves, *args).pow(2).sum(), leaves[0], create_graph=True)
+        g.pow(2).sum().backward()
+        return [t.grad for t in leaves]
+
+    ours, ref = penalty(lk.sep_conv, (x, wv, wh, b)), penalty(sep_conv_reference, (x, wv, wh, b))
+    for name, g, r in zip(("input", "weight_v", "weight_h", "bias"), ours, ref, strict=True):
+        # float64 sums of a few hundred terms round at ~1e-13 of their scale; 1e-10 leaves room for cancellation.
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10 * float(r.abs().max()), msg=name)
 
 
 @pytest.mark.parametrize(
@@ -404,7 +424,7 @@ def _fuzz_case(case, seed, dtype):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out_shape = sep_conv_reference(x, wv, wh, b, *args).shape
     gy = torch.randn(out_shape, dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
-    _check_against_reference(x, wv, wh, b, args, gy.contiguous(memory_format=fmt), out_format=fmt)
+    _check_against_reference(x, wv, wh, b, args, gy.contiguous(memory_format=fmt))
 
 
 @settings(max_examples=60, deadline=None)
