@@ -95,6 +95,30 @@ def _check_args(A: torch.Tensor, rank: int | None, max_sweeps: int) -> int:
     return rank
 
 
+def _sign_convention(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so the largest-magnitude entry of its right vector (row of Vh) is
+    positive, as the C++ and Triton Jacobi kernels do."""
+    big = torch.gather(Vh, -1, Vh.abs().argmax(-1, keepdim=True))  # (..., k, 1)
+    sign = torch.where(big < 0, -1.0, 1.0).to(Vh.dtype)
+    return U * sign.mT, Vh * sign
+
+
+def _lapack_with_contract(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.linalg.svd with this op's contract on top, for matrices beyond the Jacobi kernels'
+    sizes: truncation to `rank`, the sign convention, and NaN results for exactly the matrices
+    holding a NaN or inf (the others are decomposed as if those were absent)."""
+    finite = torch.isfinite(A).flatten(-2).all(-1)
+    clean = torch.where(finite[..., None, None], A, torch.zeros((), dtype=A.dtype, device=A.device))
+    U, S, Vh = torch.linalg.svd(clean, full_matrices=False)
+    U, Vh = _sign_convention(U[..., :rank], Vh[..., :rank, :])
+    nan = torch.full((), float("nan"), dtype=A.dtype, device=A.device)
+    return (
+        torch.where(finite[..., None, None], U, nan).contiguous(),
+        torch.where(finite[..., None], S[..., :rank], nan).contiguous(),
+        torch.where(finite[..., None, None], Vh, nan).contiguous(),
+    )
+
+
 @torch.library.register_fake("lowrank::batched_svd")
 def _batched_svd_fake(A, rank=None, max_sweeps=_DEFAULT_MAX_SWEEPS):
     r = _check_args(A, rank, max_sweeps)

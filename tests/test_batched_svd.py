@@ -403,6 +403,23 @@ def test_triton_degenerate_nan_and_empty(triton_svd):
     assert U.shape == (0, 4, 3) and S.shape == (0, 3) and Vh.shape == (0, 3, 3)
 
 
+def test_triton_large_matrix_fallback_keeps_the_contract(triton_svd):
+    # Beyond the Jacobi kernel's sizes: LAPACK, with the same signs and per-matrix NaN isolation as
+    # the CPU op (one NaN matrix must not fail the batch or spill into its neighbours).
+    torch.manual_seed(15)
+    A = torch.randn(3, 70, 66, dtype=torch.float64)
+    A[1, 5, 7] = float("nan")
+    U, S, Vh = (t.cpu() for t in triton_svd(A.to(_device()), 20))
+    assert torch.isnan(U[1]).all() and torch.isnan(S[1]).all() and torch.isnan(Vh[1]).all()
+    good = [0, 2]
+    check_svd(A[good], U[good], S[good], Vh[good], 20)
+    big = Vh[good].gather(-1, Vh[good].abs().argmax(-1, keepdim=True))
+    assert (big > 0).all(), "largest entry of each right singular vector must be positive"
+    Uc, Sc, Vhc = lk.batched_svd(A, 20)
+    torch.testing.assert_close(Vh[good], Vhc[good])
+    torch.testing.assert_close(U[good], Uc[good])
+
+
 def test_triton_bad_input(triton_svd):
     with pytest.raises(ValueError, match="float32 or float64"):
         triton_svd(torch.ones(3, 3, dtype=torch.int32))

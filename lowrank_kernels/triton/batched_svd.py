@@ -11,7 +11,8 @@ rotation (|gamma| > tol sqrt(alpha beta)), up to ``max_sweeps``.
 The host wrapper does the O(size) parts with torch ops: power-of-two scaling per matrix,
 NaN/inf handling, then sigma_j = |w_j|, sorting, normalization, orthonormal completion of
 numerically zero columns and the sign convention -- the same contract as the CPU kernel.
-Matrices with min(m, n) > 64 or max(m, n) > 256 go to ``torch.linalg.svd`` (documented fallback).
+Matrices with min(m, n) > 64 or max(m, n) > 256 go to ``torch.linalg.svd`` with the same contract
+applied on top (sign convention, NaN only for the matrices holding a NaN or inf).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._reference import batched_svd_reference
+from ..batched_svd import _sign_convention
 
 __all__ = ["batched_svd"]
 
@@ -130,9 +131,8 @@ def _finish(
     Q = torch.gather(Q, -1, order.unsqueeze(-2).expand(-1, Q.shape[-2], -1))
     V = torch.gather(V, -1, order.unsqueeze(-2).expand(-1, V.shape[-2], -1))
     right, left = (Q, V) if wide else (V, Q)  # columns: right / left singular vectors
-    idx = right.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.where(torch.gather(right, -2, idx) < 0, -1.0, 1.0).to(W.dtype)
-    return left * sign, S, (right * sign).mT
+    U, Vh = _sign_convention(left, right.mT)
+    return U, S, Vh
 
 
 def batched_svd(
@@ -144,7 +144,7 @@ def batched_svd(
     was imported. Not differentiable by itself: use ``lowrank_kernels.batched_svd`` (the op
     dispatches here for CUDA tensors and carries the autograd formula).
     """
-    from ..batched_svd import _check_args
+    from ..batched_svd import _check_args, _lapack_with_contract
 
     r = _check_args(A, rank, max_sweeps)
     if not A.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -157,8 +157,7 @@ def batched_svd(
     if A.numel() == 0:
         return A.new_empty((*batch, m, r)), A.new_empty((*batch, r)), A.new_empty((*batch, r, n))
     if k > _MAX_K or l > _MAX_L:
-        U, S, Vh = batched_svd_reference(A, r)
-        return U.contiguous(), S.contiguous(), Vh.contiguous()
+        return _lapack_with_contract(A, r)
     A3 = A.reshape(-1, m, n)
     wide = m < n
     finite = torch.isfinite(A3).all(-1).all(-1)
