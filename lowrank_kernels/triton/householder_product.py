@@ -50,7 +50,7 @@ def _apply_panel_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_n = tl.program_id(1)
     q_ptr += pid_b * stride_qb
     y_ptr += pid_b * stride_yb
@@ -101,7 +101,7 @@ def _project_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_n = tl.program_id(1)
     g_ptr += pid_b * stride_gb
     x_ptr += pid_b * stride_xb
@@ -152,7 +152,7 @@ def _grad_y_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2**31 elements
     pid_m = tl.program_id(1)
     g_ptr += pid_b * stride_gb
     x_ptr += pid_b * stride_xb

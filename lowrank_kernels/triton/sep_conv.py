@@ -544,7 +544,7 @@ def _sep_conv_bwd_weight_h_kernel(
     n_of_row = nb * BLOCK_X + rows % BLOCK_X
     row_ok = (e_of_row < DH) & (n_of_row < NG)
     wv_base = wv_ptr + (g * DV).to(tl.int64) * KG * CG  # weight_v packed (G, dv, Kg, Cg)
-    n_pix = B * OH * W
+    n_pix = tl.cast(B, tl.int64) * OH * W  # pixel indices can pass 2**31
     acc = tl.zeros([DH_PAD * BLOCK_X, BLOCK_K], dtype=ACC_DTYPE)
     for tile in range(split, tl.cdiv(n_pix, BLOCK_P), SPLITS):
         p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -661,7 +661,7 @@ def _sep_conv_bwd_weight_v_kernel(
     c_of_row = cb * BLOCK_X + rows % BLOCK_X
     row_ok = (a_of_row < DV) & (c_of_row < CG)
     wh_base = wh_ptr + (g * DH).to(tl.int64) * KG * NG  # weight_h packed (G, dh, Kg, Ng)
-    n_pix = B * OH * W
+    n_pix = tl.cast(B, tl.int64) * OH * W  # pixel indices can pass 2**31
     acc = tl.zeros([BLOCK_K, DV_PAD * BLOCK_X], dtype=ACC_DTYPE)
     for tile in range(split, tl.cdiv(n_pix, BLOCK_P), SPLITS):
         p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
