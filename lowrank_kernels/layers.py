@@ -70,18 +70,8 @@ def _layer_matrices(layer: nn.Module) -> torch.Tensor:
 
 def _svd64(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # float64 so that the kept/tail energies and the factors are accurate for fp32/fp16 weights.
-    a = matrices.to(torch.float64)
-    threads = torch.get_num_threads()
-    # Multithreaded LAPACK on small matrices spins on its barriers when the cores are busy
-    # (measured here under load: 0.7 s with 2 threads vs 1.6 ms with 1 for a 2x48x80 SVD).
-    small = a.device.type == "cpu" and a.shape[-2] * a.shape[-1] < 1 << 20
-    try:
-        if small and threads > 1:
-            torch.set_num_threads(1)
-        return torch.linalg.svd(a, full_matrices=False)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    # Library code leaves torch's thread settings alone: they belong to the caller.
+    return torch.linalg.svd(matrices.to(torch.float64), full_matrices=False)
 
 
 def _rank_for_energy(s: torch.Tensor, energy: float) -> int:

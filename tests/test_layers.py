@@ -235,3 +235,24 @@ def test_fuzz_decomposition(groups, c_per_group, n_per_group, kernel, stride, pa
         for i in range(groups)
     )
     assert err == pytest.approx(tail, rel=1e-8, abs=1e-12)
+
+
+def test_decomposition_leaves_thread_settings_alone(monkeypatch):
+    # Thread counts are the application's: decomposing layers must never change them.
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    SepConv2d.from_conv(conv, rank=4)
+    LowRankLinear.from_linear(nn.Linear(20, 10), energy=0.9)
+    assert calls == []
+
+
+def test_numpy_integer_sizes():
+    # nn.Conv2d accepts numpy integers for its sizes; so do the low-rank layers.
+    layer = SepConv2d(np.int64(6), np.int64(8), np.int64(3), rank=np.int32(4), padding=np.int64(1), groups=np.int64(2))
+    assert (layer.in_channels, layer.out_channels, layer.rank, layer.groups) == (6, 8, 4, 2)
+    assert all(type(v) is int for v in (layer.in_channels, layer.rank, *layer.kernel_size, *layer.stride))
+    x = torch.randn(1, 6, 5, 5)
+    assert layer(x).shape == (1, 8, 5, 5)
+    conv = nn.Conv2d(np.int64(6), np.int64(8), np.int64(3))
+    assert SepConv2d.from_conv(conv, rank=np.int64(4)).rank == 4

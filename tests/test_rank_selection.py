@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -198,3 +199,22 @@ def test_measure_speedup_runs():
     sep = SepConv2d.from_conv(conv, rank=4)
     speed = measure_speedup(conv, sep, torch.randn(1, 8, 16, 16), rounds=2, min_round_s=0.0)
     assert math.isfinite(speed) and speed > 0
+
+
+def test_measure_speedup_synchronizes_the_inputs_device(monkeypatch):
+    # On a GPU, timing must wait for the kernels, not just their launches: the harness synchronizes
+    # the input's device around every timed call (stubbed here, so no GPU is needed).
+    events = []
+
+    class Layer(nn.Module):
+        def forward(self, x):
+            events.append("call")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: events.append("sync"))
+    gpu_input = SimpleNamespace(device=torch.device("cuda", 0))
+    measure_speedup(Layer(), Layer(), gpu_input, rounds=2, min_round_s=0.0)
+    timed = events[events.index("sync") :]  # after the warm-up
+    assert timed.count("call") >= 4
+    for i, event in enumerate(timed):
+        if event == "call":
+            assert timed[i - 1] == "sync" and timed[i + 1] == "sync", timed
