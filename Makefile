@@ -1,6 +1,6 @@
 # Two entry points, each doing its own set-up from scratch on a fresh machine:
 #   make bench   - the benchmark suite (lowrank bench) on its built-in defaults
-#   make test    - ruff + the test suite
+#   make test    - ruff + the test suite (twice: native and portable code paths)
 # Both create .venv, install torch==2.13.0 (the CPU build) and the other dependencies,
 # and compile the C++ extension against that torch.
 PYTHON ?= python3
@@ -26,8 +26,11 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The suite runs twice: on the best instruction set this CPU has, then with the portable
+# (non-SIMD) code paths forced, so the fallback every other CPU may take is tested too.
 test: lint
 	$(PY) -m pytest
+	LOWRANK_CPU_CAPABILITY=default $(PY) -m pytest -q
 
 clean:
 	rm -rf build $(VENV) lowrank_kernels/*.so *.egg-info

@@ -185,25 +185,25 @@ void backward_one(const T* g, const T* a, const T* tau, int64_t m, int64_t n, in
 }
 
 void check_householder(const Tensor& input, const Tensor& tau, const char* name) {
-  TORCH_CHECK(input.dim() >= 2, name, ": input must have at least 2 dimensions, got ", input.dim());
-  TORCH_CHECK(tau.dim() >= 1, name, ": tau must have at least 1 dimension, got ", tau.dim());
-  TORCH_CHECK(input.dim() - tau.dim() == 1, name,
+  TORCH_CHECK_VALUE(input.dim() >= 2, name, ": input must have at least 2 dimensions, got ", input.dim());
+  TORCH_CHECK_VALUE(tau.dim() >= 1, name, ": tau must have at least 1 dimension, got ", tau.dim());
+  TORCH_CHECK_VALUE(input.dim() - tau.dim() == 1, name,
               ": Expected tau to have one dimension less than input, but got tau.ndim equal to ", tau.dim(),
               " and input.ndim is equal to ", input.dim());
-  TORCH_CHECK(input.size(-2) >= input.size(-1), name,
+  TORCH_CHECK_VALUE(input.size(-2) >= input.size(-1), name,
               ": input.shape[-2] must be greater than or equal to input.shape[-1], got input.shape ",
               input.sizes());
-  TORCH_CHECK(input.size(-1) >= tau.size(-1), name,
+  TORCH_CHECK_VALUE(input.size(-1) >= tau.size(-1), name,
               ": input.shape[-1] must be greater than or equal to tau.shape[-1], got input.shape ", input.sizes(),
               " and tau.shape ", tau.sizes());
-  TORCH_CHECK(input.sizes().slice(0, input.dim() - 2) == tau.sizes().slice(0, tau.dim() - 1), name,
+  TORCH_CHECK_VALUE(input.sizes().slice(0, input.dim() - 2) == tau.sizes().slice(0, tau.dim() - 1), name,
               ": Expected batch dimensions of tau to be equal to input.shape[:-2], but got tau.shape ", tau.sizes(),
               " and input.shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, name,
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, name,
               ": input must be float32 or float64, got ", input.scalar_type());
-  TORCH_CHECK(tau.scalar_type() == input.scalar_type(), name, ": tau dtype ", tau.scalar_type(),
+  TORCH_CHECK_VALUE(tau.scalar_type() == input.scalar_type(), name, ": tau dtype ", tau.scalar_type(),
               " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(tau.device() == input.device(), name, ": tau is on ", tau.device(), " but input is on ",
+  TORCH_CHECK_VALUE(tau.device() == input.device(), name, ": tau is on ", tau.device(), " but input is on ",
               input.device());
 }
 
@@ -231,9 +231,9 @@ Tensor householder_product_cpu(const Tensor& input, const Tensor& tau) {
 std::tuple<Tensor, Tensor> householder_product_backward_cpu(const Tensor& grad, const Tensor& input,
                                                             const Tensor& tau) {
   check_householder(input, tau, "householder_product_backward");
-  TORCH_CHECK(grad.sizes() == input.sizes(), "householder_product_backward: grad must have shape ", input.sizes(),
+  TORCH_CHECK_VALUE(grad.sizes() == input.sizes(), "householder_product_backward: grad must have shape ", input.sizes(),
               ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type() && grad.device() == input.device(),
+  TORCH_CHECK_VALUE(grad.scalar_type() == input.scalar_type() && grad.device() == input.device(),
               "householder_product_backward: grad must have the dtype and device of input");
   const int64_t m = input.size(-2), n = input.size(-1), k = tau.size(-1);
   const int64_t batch = m * n == 0 ? 0 : input.numel() / (m * n);

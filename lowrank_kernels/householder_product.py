@@ -29,34 +29,34 @@ def householder_product(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 def _check(A: torch.Tensor, tau: torch.Tensor, name: str = "householder_product") -> None:
     # Mirrors check_householder in csrc/householder_product.cpp (fake and Triton paths).
     if A.dim() < 2:
-        raise RuntimeError(f"{name}: input must have at least 2 dimensions, got {A.dim()}")
+        raise ValueError(f"{name}: input must have at least 2 dimensions, got {A.dim()}")
     if tau.dim() < 1:
-        raise RuntimeError(f"{name}: tau must have at least 1 dimension, got {tau.dim()}")
+        raise ValueError(f"{name}: tau must have at least 1 dimension, got {tau.dim()}")
     if A.dim() - tau.dim() != 1:
-        raise RuntimeError(
+        raise ValueError(
             f"{name}: Expected tau to have one dimension less than input, but got tau.ndim equal to "
             f"{tau.dim()} and input.ndim is equal to {A.dim()}"
         )
     if A.shape[-2] < A.shape[-1]:
-        raise RuntimeError(
+        raise ValueError(
             f"{name}: input.shape[-2] must be greater than or equal to input.shape[-1], got input.shape {list(A.shape)}"
         )
     if A.shape[-1] < tau.shape[-1]:
-        raise RuntimeError(
+        raise ValueError(
             f"{name}: input.shape[-1] must be greater than or equal to tau.shape[-1], got input.shape "
             f"{list(A.shape)} and tau.shape {list(tau.shape)}"
         )
     if A.shape[:-2] != tau.shape[:-1]:
-        raise RuntimeError(
+        raise ValueError(
             f"{name}: Expected batch dimensions of tau to be equal to input.shape[:-2], but got tau.shape "
             f"{list(tau.shape)} and input.shape {list(A.shape)}"
         )
     if A.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{name}: input must be float32 or float64, got {A.dtype}")
+        raise ValueError(f"{name}: input must be float32 or float64, got {A.dtype}")
     if tau.dtype != A.dtype:
-        raise RuntimeError(f"{name}: tau dtype {tau.dtype} does not match input dtype {A.dtype}")
+        raise ValueError(f"{name}: tau dtype {tau.dtype} does not match input dtype {A.dtype}")
     if tau.device != A.device:
-        raise RuntimeError(f"{name}: tau is on {tau.device} but input is on {A.device}")
+        raise ValueError(f"{name}: tau is on {tau.device} but input is on {A.device}")
 
 
 @torch.library.register_fake("lowrank::householder_product")

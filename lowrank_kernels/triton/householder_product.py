@@ -256,7 +256,7 @@ def householder_product_backward(
     """Gradients of <grad, householder_product(A, tau)> w.r.t. A (strictly lower part) and tau."""
     _check(A, tau, "householder_product_backward")
     if grad.shape != A.shape or grad.dtype != A.dtype or grad.device != A.device:
-        raise RuntimeError("householder_product_backward: grad must have the shape, dtype and device of input")
+        raise ValueError("householder_product_backward: grad must have the shape, dtype and device of input")
     grad_a = torch.zeros(A.shape, dtype=A.dtype, device=A.device)
     grad_tau = torch.zeros(tau.shape, dtype=tau.dtype, device=tau.device)
     if A.numel() == 0 or tau.shape[-1] == 0:
