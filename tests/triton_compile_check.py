@@ -39,7 +39,7 @@ def _jit(kernel):
 
 
 def _kernels(dtype: str):
-    m = lk.triton._kernels("sep_conv")
+    from lowrank_kernels.triton import sep_conv_kernels as m
     acc = tl.float64 if dtype == "fp64" else tl.float32
     ptr, part = f"*{dtype}", ("*fp64" if dtype == "fp64" else "*fp32")
     common = dict(ACC_DTYPE=acc, PRECISION="ieee")
