@@ -24,7 +24,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-import lowrank_kernels as lk  # noqa: E402
+from lowrank_kernels.triton import sep_conv_kernels  # noqa: E402
 
 # A VGG-16 conv3_1-like layer (C=128 -> K=64 -> N=256, 56x56, 3x3, padding 1) fixes the shape-derived
 # constexprs; the kernels' code paths do not depend on the shape beyond those.
@@ -39,7 +39,7 @@ def _jit(kernel):
 
 
 def _kernels(dtype: str):
-    from lowrank_kernels.triton import sep_conv_kernels as m
+    m = sep_conv_kernels
     acc = tl.float64 if dtype == "fp64" else tl.float32
     ptr, part = f"*{dtype}", ("*fp64" if dtype == "fp64" else "*fp32")
     common = dict(ACC_DTYPE=acc, PRECISION="ieee")

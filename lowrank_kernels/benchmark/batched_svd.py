@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import batched_svd as _batched_svd
-from . import harness
+from . import harness, results
 
 CANDIDATES = ("batched_svd", "svd", "svdvals")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -130,6 +130,31 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def measurements(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows' timings as data-file measurements: case `MxN`, batch = number of matrices."""
+    out = []
+    for r in rows:
+        batch, m, n = r["shape"].split("x")
+        for name, timing in r["timings"].items():
+            out.append(
+                {"case": f"{m}x{n}", "candidate": name, "threads": r["threads"], "batch": int(batch), "timing": timing}
+            )
+    return out
+
+
+REPORTS = {
+    "svd": results.ReportSpec(
+        candidates=CANDIDATES,
+        ratios=(
+            results.Ratio("x svd", ("svd",), "batched_svd"),
+            results.Ratio("x svdvals", ("svdvals",), "batched_svd"),
+        ),
+        legend="case = matrix shape, batch = matrices per call; x = speedup of batched_svd over "
+        "torch.linalg.svd(full_matrices=False) and over torch.linalg.svdvals.",
+    )
+}
+
+
 TABLE_COLUMNS = [
     "shape",
     "dtype",
@@ -191,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     verdicts = evaluate_targets(rows)
     print("\nIssue-6 targets:")
     print(harness.format_table(verdicts, ["shape", "dtype", "threads", "worst_err", "accuracy", "speed"], ".1e"))
+    results.record(args, results.make_records("svd", measurements(rows), dtype=args.dtype))
     if getattr(args, "json", None):
         path = harness.save_json(args.json, {"suite": "svd", "rows": rows, "targets": verdicts})
         print(f"\nsaved {path}")

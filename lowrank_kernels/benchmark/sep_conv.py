@@ -28,14 +28,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .._reference import sep_conv_reference
-from . import harness
+from . import harness, results
 
 CANDIDATES = ("dense", "dense_cl", "unfused", "unfused_cl", "sep", "sep_cl")
 SEP_FORMATS = {"sep": "NCHW", "sep_cl": "channels_last"}
@@ -330,6 +329,44 @@ def thread_scaling(row: dict[str, Any], lo: int, hi: int) -> dict[str, float]:
     return {name: t[_key(name, lo)].median_ms / t[_key(name, hi)].median_ms for name in CANDIDATES}
 
 
+def measurements(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows' timings as data-file measurements (`results.make_records`): case `mode/layer`,
+    one per candidate and thread count, with the FLOPs of one call."""
+    out = []
+    for r in rows:
+        for key, timing in r["timings"].items():
+            name, _, threads = key.partition("@")
+            flops = r["dense_flops"] if name.startswith("dense") else r["lowrank_flops"]
+            out.append(
+                {
+                    "case": f"{r['mode']}/{r['name']}",
+                    "candidate": name,
+                    "threads": int(threads) if threads else None,
+                    "batch": r["batch"],
+                    "timing": timing,
+                    "flops": flops,
+                }
+            )
+    return out
+
+
+REPORTS = {
+    "sep_conv": results.ReportSpec(
+        candidates=CANDIDATES,
+        ratios=(
+            results.Ratio("sep x", ("dense", "dense_cl"), "sep"),
+            results.Ratio("sep_cl x", ("dense", "dense_cl"), "sep_cl"),
+            results.Ratio("sep/unf*", ("unfused", "unfused_cl"), "sep"),
+            results.Ratio("sep_cl/unf*", ("unfused", "unfused_cl"), "sep_cl"),
+        ),
+        flop_ratio=("dense", "sep"),
+        legend="case = mode/layer; ms = median per call (train: forward + backward, all gradients); "
+        "x = speedup over the faster dense conv (NCHW or channels_last; ideal = FLOP ratio); "
+        "/unf* = speedup over the faster unfused two-conv pair.",
+    )
+}
+
+
 @dataclass
 class Target:
     """One of issue 3's targets: `metric` (a `derived` key or 'scaling') >= `need` on the rows
@@ -551,9 +588,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["cpu", "cuda"],
         help="default: cuda if available",
     )
-    parser.add_argument(
-        "--report", type=Path, default=None, help="print the tables and plot of an earlier run's JSON (no timing)"
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data and round order (default: 0)")
 
 
@@ -626,6 +660,7 @@ def run(args: argparse.Namespace) -> int:
     title = f"sep_conv suite ({args.net}), {args.dtype}, {args.device}"
     plot_path = _plot(args.plot, rows, modes, args.batch, threads, title)
     print(f"\nwrote {json_path}\nwrote {plot_path}")
+    results.record(args, results.make_records("sep_conv", measurements(rows), dtype=args.dtype, device=args.device))
     return 0
 
 
