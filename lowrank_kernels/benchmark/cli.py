@@ -41,7 +41,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def default_threads() -> list[int]:
-    """The thread count the project's targets are defined at (2), capped by the cores present."""
+    """Two threads (the configuration the recorded results compare), capped by the cores present."""
     return [max(1, min(2, os.cpu_count() or 1))]
 
 
