@@ -1,6 +1,6 @@
 """lowrank_kernels: fast low-rank convolutions, batched small SVDs and Householder products.
 
-See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
+See README.md for an overview and docs/design.md for the contract of each op."""
 
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 

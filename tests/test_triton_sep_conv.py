@@ -89,7 +89,7 @@ def _check_against_reference(tensors, conv, dtype=torch.float32, device=DEVICE, 
     return out
 
 
-# Each case exercises several options at once (the interpreter is slow; see DESIGN section 2).
+# Each case exercises several options at once (the interpreter is slow).
 CASES = {
     "basic_3x3_pad1": dict(B=1, C=3, H=7, W=13, K=4, N=5, dv=3, dh=3, padding=1),
     "stride2_pad1": dict(B=2, C=4, H=9, W=11, K=4, N=6, dv=3, dh=3, stride=2, padding=1, bias=False),
