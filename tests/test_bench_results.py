@@ -5,6 +5,8 @@ medians and quartiles keyed by suite, case, candidate, dtype, device, threads, b
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,14 @@ def test_committed_results_file_is_well_formed():
     keys = [tuple(r[k] for k in results.KEY) for r in rows]
     assert len(keys) == len(set(keys))
     assert all(float(r["q1_ms"]) <= float(r["median_ms"]) <= float(r["q3_ms"]) for r in rows)
+
+
+def test_results_page_is_generated_from_the_data_file():
+    """bench/RESULTS.md's generated tables are what `lowrank bench <suite> --report --markdown` gives on
+    bench/results.csv (after recording, run `python bench/update_results_md.py`)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "update_results_md.py"
+    page = script.with_name("RESULTS.md")
+    if not page.exists():
+        pytest.skip("no bench/RESULTS.md in this tree")
+    out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
