@@ -34,6 +34,7 @@ def batched_svd_reference(A: torch.Tensor, rank: int | None = None) -> tuple[tor
         U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
     return U, S, Vh
 
+
 def householder_product_reference(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """householder_product by multiplying the explicit m x m reflectors (independent of LAPACK)."""
     m, n = A.shape[-2], A.shape[-1]

@@ -290,9 +290,7 @@ def run(args: argparse.Namespace) -> int:
                 title=f"householder_product {mode}",
                 labels=[f"{r['shape']} {r['threads']}t" for r in product_rows if r["mode"] == mode],
                 bars={
-                    "vs torch.linalg.householder_product": [
-                        r["x_vs_torch"] for r in product_rows if r["mode"] == mode
-                    ],
+                    "vs torch.linalg.householder_product": [r["x_vs_torch"] for r in product_rows if r["mode"] == mode],
                     "vs parametrizations.orthogonal": [r["x_vs_param"] for r in product_rows if r["mode"] == mode],
                 },
                 levels={"1x": [1.0 for r in product_rows if r["mode"] == mode]},

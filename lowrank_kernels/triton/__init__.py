@@ -83,4 +83,3 @@ def householder_product_backward(
     from . import householder_product_kernels
 
     return householder_product_kernels.householder_product_backward(grad, A, tau)
-
