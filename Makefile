@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up from scratch on a fresh machine:
 #   make bench   - the benchmark suite (lowrank bench) on its built-in defaults
-#   make test    - ruff + the test suite (twice: native and portable code paths)
+#   make test    - lint (ruff check, ruff format --check, clang-format over csrc/) + the test suite,
+#                  twice: native and portable code paths
 # Both create .venv, install torch==2.13.0 (the CPU build) and the other dependencies,
 # and compile the C++ extension against that torch.
 PYTHON ?= python3
@@ -9,7 +10,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowrank-installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install bench test lint clean
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.hpp')
+
+.PHONY: install bench test lint format clean
 
 install: $(STAMP)
 
@@ -25,6 +28,13 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+# Apply both formatters (what `make lint` checks).
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 # The suite runs twice: on the best instruction set this CPU has, then with the portable
 # (non-SIMD) code paths forced, so the fallback every other CPU may take is tested too.

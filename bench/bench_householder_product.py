@@ -36,9 +36,9 @@ def test_householder_suite(benchmark, shape, mode, candidate):
             torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("candidate", [c for c in suite.NETWORK_CANDIDATES if c != "seed_dense"])
-def test_seed_network_training_step(benchmark, candidate):
-    step = suite.make_network_candidates(batch=64, seed_dense=False)[candidate]
-    benchmark.group = "seed 004 CIFAR network, training step, batch 64"
+@pytest.mark.parametrize("candidate", [c for c in suite.NETWORK_CANDIDATES if c != "dense_reflectors"])
+def test_cifar_network_training_step(benchmark, candidate):
+    step = suite.make_network_candidates(batch=64, dense_reflectors=False)[candidate]
+    benchmark.group = "CIFAR network, training step, batch 64"
     loss = benchmark(step)
     assert torch.isfinite(loss)

@@ -8,7 +8,7 @@
 // every O(m n k) step is a GEMM. T is built as T = D (I + striu(Y^T Y) D)^{-1}, D = diag(tau),
 // which never divides by tau (tau = 0 is a valid identity reflector); the backward
 // differentiates that formula instead of walking the reflectors one by one (torch's
-// backward is sequential in k and ~100x slower here).
+// backward is sequential in k: matrix-vector work instead of GEMMs).
 //
 // The backward recomputes the forward sweep and keeps, per panel, the trailing block the
 // panel is applied to (the reflectors need not be orthogonal, so the states cannot be
@@ -27,9 +27,9 @@ namespace {
 
 using at::Tensor;
 
-// Reflectors per compact-WY panel (the GEMMs' inner dimension). Measured with 2 threads
-// (forward / torch's forward, 576x128, 1152x256, 64 x 64x32): 16 -> 0.86, 1.19, 0.59;
-// 32 -> 0.66, 0.69, 0.65; 64 -> 0.74, 0.73, 0.87; 96 -> 0.83, 0.75, 0.80.
+// Reflectors per compact-WY panel (the GEMMs' inner dimension): narrower panels make the
+// GEMMs thin, wider ones grow the triangular T work; 32 was the fastest of 16/32/64/96 on
+// the householder suite's shapes (docs/householder.md).
 constexpr int64_t kPanel = 32;
 
 using blas::gemm;

@@ -1,11 +1,12 @@
 """lowrank_kernels: fast low-rank convolutions, batched small SVDs and Householder products.
 
-See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
+See README.md for an overview and docs/design.md for the contract of each op."""
 
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
-# _C loads the C++ ops into torch.ops.lowrank; _cuda_registration adds the Triton CUDA kernels.
-from . import _C, _cuda_registration, triton  # noqa: F401
+# _C loads the C++ ops into torch.ops.lowrank; each op family's module below adds its fake kernel,
+# autograd and CUDA (Triton) kernel.
+from . import _C, triton  # noqa: F401
 from .batched_svd import batched_svd
 from .compress import compress
 from .export import to_onnx

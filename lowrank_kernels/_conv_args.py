@@ -49,7 +49,7 @@ def _check_sep_conv(
     dilation: Sequence[int],
     groups: int,
 ) -> tuple[int, int, int, int]:
-    """Validate sep_conv arguments (DESIGN section 4); return the output shape (B, N, H', W')."""
+    """Validate sep_conv arguments (contract in docs/design.md); return the output shape (B, N, H', W')."""
 
     def fail(msg: str) -> None:
         raise ValueError(f"sep_conv: {msg}")

@@ -21,7 +21,8 @@ def sep_conv_reference(
     dilation: Sequence[int] = (1, 1),
     groups: int = 1,
 ) -> torch.Tensor:
-    """sep_conv as the two F.conv2d calls of DESIGN section 4."""
+    """sep_conv as two F.conv2d calls: the vertical d x 1 factor, then the horizontal 1 x d one
+    (the op's definition, docs/design.md)."""
     t = F.conv2d(input, weight_v, None, (stride[0], 1), (padding[0], 0), (dilation[0], 1), groups)
     return F.conv2d(t, weight_h, bias, (1, stride[1]), (0, padding[1]), (1, dilation[1]), groups)
 
@@ -32,6 +33,7 @@ def batched_svd_reference(A: torch.Tensor, rank: int | None = None) -> tuple[tor
     if rank is not None:
         U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
     return U, S, Vh
+
 
 def householder_product_reference(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """householder_product by multiplying the explicit m x m reflectors (independent of LAPACK)."""
@@ -46,7 +48,7 @@ def householder_product_reference(A: torch.Tensor, tau: torch.Tensor) -> torch.T
 
 
 def orthogonality_loss_reference(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Seed 004 experiment 2 as written: M = [W; b], cosines M^T M / (N^T N), sum minus the trace."""
+    """The orthogonality loss written directly: M = [W; b], cosines M^T M / (N^T N), sum minus the trace."""
     m = weight.reshape(weight.shape[0], -1).T
     if bias is not None:
         m = torch.cat([m, bias.unsqueeze(0)], dim=0)
@@ -57,14 +59,14 @@ def orthogonality_loss_reference(weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def orthonormality_loss_reference(matrix: torch.Tensor) -> torch.Tensor:
-    """Seed 004 experiment 3 as written: sum_square(I - M^T M)."""
+    """The orthonormality loss written directly: sum_square(I - M^T M)."""
     eye = torch.eye(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
     return (eye - matrix.T @ matrix).pow(2).sum()
 
 
 def dense_reflector_product_reference(vectors: torch.Tensor) -> torch.Tensor:
     """First n columns of H(u_1) H(u_2) ... H(u_n), u_j = column j of `vectors` normalized, built
-    the way seed 004's code did: n dense m x m reflectors I - 2 u u^T multiplied one by one."""
+    naively: n dense m x m reflectors I - 2 u u^T multiplied one by one."""
     m, n = vectors.shape
     unit = vectors / vectors.norm(dim=0)
     eye = torch.eye(m, dtype=vectors.dtype, device=vectors.device)

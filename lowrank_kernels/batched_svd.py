@@ -2,8 +2,8 @@
 
 The schema and the CPU kernel (vectorized across matrices: one-sided Jacobi for float64 and
 float32 up to 8 x 8, an eigen-decomposition of A^T A in double for larger float32) live in
-csrc/batched_svd.cpp; the CUDA kernel is Triton (lowrank_kernels/triton/batched_svd.py,
-registered lazily on first use). This file adds the Python entry point, the fake kernel used
+csrc/batched_svd.cpp; the CUDA kernel is Triton (lowrank_kernels/triton/batched_svd_kernels.py,
+imported on first use). This file adds the Python entry point, the fake kernel used
 by torch.compile/torch.export, and autograd.
 
 Backward (degenerate singular values). The standard formula (PyTorch's ``svd_backward``)
@@ -199,11 +199,12 @@ def _backward(ctx, gU, gS, gVh):
 torch.library.register_autograd("lowrank::batched_svd", _backward, setup_context=_setup_context)
 
 
+# CUDA: the Triton kernel, imported on the first call so that importing lowrank_kernels needs
+# neither triton nor a GPU.
 def _batched_svd_cuda(A, rank=None, max_sweeps=_DEFAULT_MAX_SWEEPS):
-    # The Triton module is imported on the first CUDA call: `import lowrank_kernels` needs no triton.
-    from .triton import _kernels
+    from .triton import batched_svd_kernels
 
-    return _kernels("batched_svd").batched_svd(A, rank, max_sweeps=max_sweeps)
+    return batched_svd_kernels.batched_svd(A, rank, max_sweeps=max_sweeps)
 
 
 torch.library.register_kernel("lowrank::batched_svd", "cuda", _batched_svd_cuda)

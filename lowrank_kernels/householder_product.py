@@ -2,7 +2,7 @@
 
 The schema and CPU kernels live in csrc/householder_product.cpp; this file adds the Python
 entry point, the fake kernels used by torch.compile/torch.export, autograd, and the CUDA
-registration (Triton, lowrank_kernels/triton/householder_product.py, imported on first use)."""
+registration (Triton, lowrank_kernels/triton/householder_product_kernels.py, imported on first use)."""
 
 from __future__ import annotations
 
@@ -102,15 +102,17 @@ torch.library.register_autograd("lowrank::householder_product", _backward, setup
 
 # CUDA: Triton kernels, imported on the first call so that importing lowrank_kernels needs
 # neither triton nor a GPU.
-@torch.library.register_kernel("lowrank::householder_product", "cuda")
 def _householder_product_cuda(A, tau):
-    from . import triton as _triton
+    from .triton import householder_product_kernels
 
-    return _triton.householder_product(A, tau)
+    return householder_product_kernels.householder_product(A, tau)
 
 
-@torch.library.register_kernel("lowrank::householder_product_backward", "cuda")
 def _householder_product_backward_cuda(grad, A, tau):
-    from . import triton as _triton
+    from .triton import householder_product_kernels
 
-    return _triton.householder_product_backward(grad, A, tau)
+    return householder_product_kernels.householder_product_backward(grad, A, tau)
+
+
+torch.library.register_kernel("lowrank::householder_product", "cuda", _householder_product_cuda)
+torch.library.register_kernel("lowrank::householder_product_backward", "cuda", _householder_product_backward_cuda)

@@ -11,7 +11,7 @@ Frobenius norm (Eckart-Young), so the reconstruction error equals the norm of th
 singular values. The vertical factor is U_K sqrt(S_K) (K dv x 1 filters over C/g channels),
 the horizontal factor sqrt(S_K) V_K^T (N 1 x dh filters over K/g channels).
 
-`LowRankLinear.from_linear` is the same idea for fully connected layers (seed 002):
+`LowRankLinear.from_linear` is the same idea for fully connected layers (truncated SVD of the weight):
 W = U_K sqrt(S_K) . sqrt(S_K) V_K^T, two thin linear maps."""
 
 from __future__ import annotations

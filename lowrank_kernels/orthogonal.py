@@ -1,4 +1,4 @@
-"""Orthogonal convolutions and orthogonality regularizers (seed 004, experiments 1-3).
+"""Orthogonal convolutions and orthogonality regularizers.
 
 - `OrthogonalConv2d`: the convolution matrix [W; b] (k*k*C_in [+1] x C_out) is always the
   first C_out columns of a product of C_out Householder reflections, built with the blocked
@@ -24,7 +24,7 @@ __all__ = ["OrthogonalConv2d", "orthogonality_loss", "orthonormality_loss"]
 
 
 def _as_columns(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> torch.Tensor:
-    """Rows of the result are the columns of the seed's (k*k*C_in [+1]) x C_out matrix."""
+    """Rows of the result are the columns of the layer's (k*k*C_in [+1]) x C_out matrix [W; b]."""
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         raise ValueError(f"{name}: weight must be a tensor with at least 2 dimensions (out, ...), got {weight!r}")
     if not weight.dtype.is_floating_point:
@@ -59,11 +59,11 @@ class _OrthogonalityLoss(torch.autograd.Function):
 
 
 def orthogonality_loss(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Seed 004's orthogonality loss: sum of squared cosines between different columns of [W; b].
+    """Orthogonality loss: sum of squared cosines between different columns of [W; b].
 
     Args:
         weight: (out, ...) e.g. a conv weight (C_out, C_in, kh, kw) or a linear weight
-            (out, in); the seed's matrix has one column per output, k*k*C_in rows.
+            (out, in); the matrix has one column per output, k*k*C_in rows.
         bias: optional (out,), appended as one more row of that matrix.
 
     Returns:
@@ -96,7 +96,7 @@ class _OrthonormalityLoss(torch.autograd.Function):
 
 
 def orthonormality_loss(matrix: torch.Tensor) -> torch.Tensor:
-    """Seed 004's orthonormality loss ||I - M^T M||_F^2 for a (m, n) matrix M.
+    """Orthonormality loss ||I - M^T M||_F^2 for a (m, n) matrix M.
 
     Unlike `orthogonality_loss`, the column norms matter (they should be 1). Differentiable
     (closed-form gradient).
@@ -109,19 +109,19 @@ def orthonormality_loss(matrix: torch.Tensor) -> torch.Tensor:
 
 
 class OrthogonalConv2d(nn.Module):
-    """Conv2d whose matrix [W; b] has orthonormal columns by construction (seed 004, experiment 1).
+    """Conv2d whose matrix [W; b] has orthonormal columns by construction (Householder parametrization).
 
     The (m x n) matrix, m = C_in*kh*kw (+1 with bias), n = C_out, is the first n columns of a
     product of n Householder reflections H(v) = I - 2 v v^T / |v|^2. The trainable `vectors`
-    (m, n) follow the seed's zero-padding scheme: reflector vector i (i = 1..n) has m - n + i
+    (m, n) follow a zero-padding scheme: reflector vector i (i = 1..n) has m - n + i
     free entries, zero-padded at the start; in `vectors` it is column n - i, whose entries
     above the diagonal are the padding (masked, never used). The product is taken in LAPACK's
     order (the reflector with the most free entries leftmost), which is what
-    `householder_product` computes; the seed's TensorFlow code multiplied the same kind of
-    reflectors in the opposite order. Both parametrize matrices with orthonormal columns.
+    `householder_product` computes; the opposite order parametrizes the same set of matrices
+    with orthonormal columns.
 
     The weight is W = matrix[:C_in*kh*kw].T reshaped to (C_out, C_in, kh, kw) (PyTorch's
-    flattening order); the bias is the last row, as in the seed's code.
+    flattening order); the bias is the last row.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding: as in `nn.Conv2d`
@@ -177,7 +177,7 @@ class OrthogonalConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Uniform(-1, 1) free entries, as in the seed."""
+        """Uniform(-1, 1) free entries."""
         with torch.no_grad():
             self.vectors.uniform_(-1.0, 1.0)
             self.vectors.mul_(self._free)

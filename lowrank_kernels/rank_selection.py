@@ -2,14 +2,15 @@
 
 Rules (each returns a total rank K, or None to leave the layer dense):
   * explicit rank;
-  * energy: smallest rank keeping a fraction of the squared singular values (seed 000's idea);
+  * energy: smallest rank keeping a fraction of the squared singular values;
   * reduction: a per-layer MAC reduction target (largest rank with MACs <= dense / target);
   * MAC budget: per-layer ranks maximising the product of the layers' kept-energy fractions under
     a total MAC budget (a dynamic program over discretized MACs, like MXNet accnn's selection);
   * every rule leaves a layer dense when its low-rank form would cost at least as many MACs, and
     `measure_speedup` lets `compress` also leave it dense when it is not faster on this machine.
 
-`soft_threshold_singular_values_` is the training-time regularizer of seed 003: a proximal step
+`soft_threshold_singular_values_` is a training-time regularizer (proximal soft-thresholding of
+singular values, as in singular value thresholding, Cai, Candes and Shen 2010): a proximal step
 for a nuclear-norm penalty on each layer's decomposition matrix, which drives small singular
 values to exactly zero during training so that truncation afterwards loses little."""
 
@@ -270,7 +271,7 @@ def measure_speedup(
 def soft_threshold_singular_values_(
     model: nn.Module, threshold: float, *, layers: Iterable[str] | None = None
 ) -> dict[str, int]:
-    """Soft-threshold the singular values of every Conv2d/Linear weight in place (seed 003).
+    """Soft-threshold the singular values of every Conv2d/Linear weight in place (proximal step).
 
     Each weight's decomposition matrix (Tai et al.'s per-group matrix for convs, the weight
     itself for linears) becomes U max(S - threshold, 0) V^T. Called after each optimizer step

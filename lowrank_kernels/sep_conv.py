@@ -2,13 +2,15 @@
 
 The schema and CPU kernels live in csrc/sep_conv.cpp; this file adds the Python entry
 point, the fake (meta) kernels used by torch.compile/torch.export, and autograd.
-The CUDA kernels are Triton (lowrank_kernels/triton/sep_conv.py)."""
+The CUDA kernels are Triton (lowrank_kernels/triton/sep_conv_kernels.py), registered at the end
+of this file like every op family's."""
 
 from __future__ import annotations
 
 import torch
 from torch._prims_common import suggest_memory_format
 
+from . import _cuda_impl
 from ._conv_args import IntOrPair, _as_int, _check_sep_conv, _pair
 
 __all__ = ["sep_conv"]
@@ -131,3 +133,19 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("lowrank::sep_conv", _backward, setup_context=_setup_context)
+
+
+# CUDA: the Triton kernels, imported on the first call so that importing lowrank_kernels needs
+# neither triton nor a GPU; LOWRANK_CUDA_IMPL=cudnn selects the unfused pair instead (_cuda_impl.py).
+def _sep_conv_cuda(input, weight_v, weight_h, bias, stride, padding, dilation, groups):
+    forward, _ = _cuda_impl.sep_conv_kernels(_cuda_impl.cuda_impl())
+    return forward(input, weight_v, weight_h, bias, stride, padding, dilation, groups)
+
+
+def _sep_conv_backward_cuda(grad_out, input, weight_v, weight_h, stride, padding, dilation, groups, output_mask):
+    _, backward = _cuda_impl.sep_conv_kernels(_cuda_impl.cuda_impl())
+    return backward(grad_out, input, weight_v, weight_h, stride, padding, dilation, groups, output_mask)
+
+
+torch.library.register_kernel("lowrank::sep_conv", "cuda", _sep_conv_cuda)
+torch.library.register_kernel("lowrank::sep_conv_backward", "cuda", _sep_conv_backward_cuda)

@@ -1,9 +1,9 @@
-"""Seed 000: feed a CNN the rank-r SVD factors of each input image instead of the image.
+"""Feed a CNN the rank-r SVD factors of each input image instead of the image.
 
 `SVDInput(rank)` turns images (B, C, H, W) into (U_r, S_r, V_r) with `batched_svd`; with
 `cache=True` and sample indices, each sample's factors are computed once and reused in every
-later epoch (the seed's remedy for the cost of the SVD). `SVDInputNet` is the seed's
-two-branch network: U and V each go through a small conv branch, are flattened,
+later epoch (which takes the SVD's cost out of every epoch but the first). `SVDInputNet` is a
+two-branch network for these inputs: U and V each go through a small conv branch, are flattened,
 concatenated with S, and classified by fully connected layers.
 """
 
@@ -85,7 +85,7 @@ class SVDInput(nn.Module):
 
 
 class SVDInputNet(nn.Module):
-    """Seed 000's two-branch network on (U, S, V) from `SVDInput`.
+    """A two-branch network on (U, S, V) from `SVDInput`.
 
     U (B, C, H, r) and V (B, C, W, r) are treated as C-channel images of size H x r and
     W x r; each goes through two 3x1 convolutions (along the image axis, singular vectors

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import lowrank_kernels as lk
 from lowrank_kernels._reference import batched_svd_reference
+
 from tolerances import svd_backward_error, truncation_gap_factor
 
 

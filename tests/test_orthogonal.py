@@ -1,4 +1,4 @@
-"""OrthogonalConv2d, orthogonality_loss and orthonormality_loss (seed 004, experiments 1-3)."""
+"""OrthogonalConv2d, orthogonality_loss and orthonormality_loss."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_orthogonal_conv_matrix_structure(bias):
     conv = lk.OrthogonalConv2d(3, 8, 3, bias=bias)
     m, n = conv.vectors.shape
     assert (m, n) == (27 + int(bias), 8)
-    # Seed 004's zero padding: reflector vector i (1..n) has m - n + i free entries.
+    # Zero padding of the reflectors: vector i (1..n) has m - n + i free entries.
     free_counts = sorted(conv._free.sum(0).tolist())
     assert free_counts == [m - n + i for i in range(1, n + 1)]
     mat = conv.matrix()

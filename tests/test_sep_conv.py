@@ -1,4 +1,4 @@
-"""torch.ops.lowrank.sep_conv on CPU against the two-F.conv2d reference (DESIGN section 4)."""
+"""torch.ops.lowrank.sep_conv on CPU against the two-F.conv2d reference (docs/design.md)."""
 
 import itertools
 
@@ -320,7 +320,7 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.lowrank.sep_conv.default, (x, wv, wh, b, *[list(a) for a in args[:3]], args[3]))
 
 
-# --- bad input (DESIGN section 4) ------------------------------------------------------
+# --- bad input (docs/design.md) ------------------------------------------------------
 
 
 def _good():

@@ -1,4 +1,4 @@
-"""SVDInput (seed 000) and its two-branch network, trained on scikit-learn's digits (8x8 images)."""
+"""SVDInput and its two-branch network, trained on scikit-learn's digits (8x8 images)."""
 
 import pytest
 import torch

@@ -6,6 +6,7 @@ marked gpu need a CUDA device and are skipped cleanly without one."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ pytest.importorskip("triton")
 import lowrank_kernels as lk  # noqa: E402
 from lowrank_kernels._conv_args import _pair  # noqa: E402
 from lowrank_kernels._reference import sep_conv_reference  # noqa: E402
+from lowrank_kernels.triton import sep_conv_kernels  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -87,7 +89,7 @@ def _check_against_reference(tensors, conv, dtype=torch.float32, device=DEVICE, 
     return out
 
 
-# Each case exercises several options at once (the interpreter is slow; see DESIGN section 2).
+# Each case exercises several options at once (the interpreter is slow).
 CASES = {
     "basic_3x3_pad1": dict(B=1, C=3, H=7, W=13, K=4, N=5, dv=3, dh=3, padding=1),
     "stride2_pad1": dict(B=2, C=4, H=9, W=11, K=4, N=6, dv=3, dh=3, stride=2, padding=1, bias=False),
@@ -199,7 +201,7 @@ def test_non_contiguous_inputs():
 def test_only_some_gradients():
     """A gradient not asked for comes back empty from sep_conv_backward and None from autograd."""
     tensors, conv = _case(B=1, C=4, H=5, W=6, K=4, N=4, dv=3, dh=3, padding=1)
-    kernels = lk.triton._kernels("sep_conv")
+    kernels = sep_conv_kernels
     args = (tensors["input"], tensors["weight_v"], tensors["weight_h"])
     conv_list = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
     grad_out = torch.randn(1, 4, 5, 6)
@@ -247,15 +249,16 @@ def test_bad_input_raises(change, message):
 
 
 def test_backward_rejects_bad_grad_out():
-    kernels = lk.triton._kernels("sep_conv")
+    kernels = sep_conv_kernels
     x, wv, wh = torch.randn(1, 4, 6, 7), torch.randn(4, 4, 3, 1), torch.randn(6, 4, 1, 3)
     with pytest.raises(ValueError, match="grad_out"):
         kernels.sep_conv_backward(torch.randn(1, 6, 4, 4), x, wv, wh, [1, 1], [0, 0], [1, 1], 1, [True] * 3)
 
 
 def test_public_function_survives_kernel_import():
-    """Importing lowrank_kernels.triton.sep_conv (the module) must not shadow the public function."""
-    lk.triton._kernels("sep_conv")
+    """The kernel module (imported above) does not shadow the public function of the same op."""
+    import lowrank_kernels.triton.sep_conv_kernels  # noqa: F401
+
     assert callable(lk.triton.sep_conv) and lk.triton.sep_conv.__module__ == "lowrank_kernels.triton"
 
 
@@ -267,16 +270,16 @@ def test_cuda_kernels_registered():
 def test_registered_cuda_functions_match(monkeypatch):
     """The functions registered for the CUDA key (called here on CPU tensors, interpreter) give what
     lk.triton.sep_conv gives; and the op on CPU tensors still runs the C++ kernel, not Triton."""
-    from lowrank_kernels import _cuda_registration
+    family = importlib.import_module("lowrank_kernels.sep_conv")  # the module; lk.sep_conv is the function
 
     tensors, conv = _case(B=1, C=4, H=5, W=6, K=4, N=6, dv=3, dh=2, padding=(1, 0), groups=2)
     x, wv, wh, b = tensors.values()
     conv_args = (tuple(conv["stride"]), tuple(conv["padding"]), tuple(conv["dilation"]), conv["groups"])
-    out = _cuda_registration._sep_conv_cuda(x, wv, wh, b, *conv_args)
+    out = family._sep_conv_cuda(x, wv, wh, b, *conv_args)
     torch.testing.assert_close(out, lk.triton.sep_conv(x, wv, wh, b, **conv), rtol=0, atol=0)
     grad_out = torch.randn_like(out)
-    got = _cuda_registration._sep_conv_backward_cuda(grad_out, x, wv, wh, *conv_args, (True, False, True))
-    want = lk.triton._kernels("sep_conv").sep_conv_backward(grad_out, x, wv, wh, *conv_args, [True, False, True])
+    got = family._sep_conv_backward_cuda(grad_out, x, wv, wh, *conv_args, (True, False, True))
+    want = sep_conv_kernels.sep_conv_backward(grad_out, x, wv, wh, *conv_args, [True, False, True])
     assert got[1].numel() == 0
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
@@ -284,7 +287,7 @@ def test_registered_cuda_functions_match(monkeypatch):
     def no_triton(*args, **kwargs):
         raise AssertionError("the CPU op reached the Triton path")
 
-    kernels = lk.triton._kernels("sep_conv")
+    kernels = sep_conv_kernels
     monkeypatch.setattr(kernels, "sep_conv_forward", no_triton)
     monkeypatch.setattr(kernels, "sep_conv_backward", no_triton)
     x = x.clone().requires_grad_()
@@ -333,23 +336,6 @@ except RuntimeError as e:
     assert run.stdout.strip() == "True"
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the other tests compile and run the kernels")
-def test_kernels_compile_for_a100_and_h100():
-    """Compile the kernels to cubins for sm_90 / sm_80 without a GPU (tests/triton_compile_check.py):
-    catches what the interpreter does not check (dot shapes and dtypes, tl.gather lowering, layouts)."""
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("triton's bundled ptxas is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    script = Path(__file__).with_name("triton_compile_check.py")
-    run = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 6 and all("registers" in line for line in lines), run.stdout
-
-
 # ------------------------------------------------------------------------------ needs a real GPU
 
 VGG_LIKE = dict(B=2, C=64, H=28, W=28, K=32, N=96, dv=3, dh=3, padding=1)
@@ -385,7 +371,7 @@ def test_gpu_matches_cudnn_pair(dtype):
 @gpu
 def test_gpu_op_dispatches_to_triton():
     """torch.ops.lowrank.sep_conv on CUDA tensors runs the registered Triton kernels (fwd and bwd)."""
-    kernels = lk.triton._kernels("sep_conv")
+    kernels = sep_conv_kernels
     tensors, conv = _case(**VGG_LIKE)
     ours = {n: t.cuda().requires_grad_() for n, t in tensors.items()}
     x, wv, wh, b = ours.values()
@@ -416,7 +402,7 @@ def test_gpu_tile_geometry_in_interpreter(monkeypatch):
     """The GPU tile shapes (64-column forward tiles, 32-column grad_input tiles, 32-wide channel
     blocks, 3-way split weight reductions) checked in the interpreter with one GPU-sized config each."""
     triton = pytest.importorskip("triton")
-    kernels = lk.triton._kernels("sep_conv")
+    kernels = sep_conv_kernels
     monkeypatch.setattr(kernels, "_INTERPRET", False)
     monkeypatch.setattr(kernels, "_check_device", lambda t: None)
     monkeypatch.setattr(kernels, "_splits", lambda n_pix, programs, device: 3)

@@ -10,7 +10,7 @@ and reports the speedups of batched_svd over both, plus accuracy columns for eve
 against float64 LAPACK: relative reconstruction error max_b ||A - U S Vh||_F / ||A||_F,
 orthogonality max_b ||U^T U - I||_F and ||Vh Vh^T - I||_F, and the singular-value error
 max_b ||S - S_ref|| / ||A||_F. Several thread counts (`--threads 1,2`) are interleaved in
-the same run. The issue-6 targets (fp32, 2 threads) are checked at the end.
+the same run.
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from typing import Any
 import torch
 
 from .. import batched_svd as _batched_svd
-from . import harness
+from . import harness, results
 
 CANDIDATES = ("batched_svd", "svd", "svdvals")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_SHAPES = "10000x8x8,10000x16x16,4096x32x32,1024x64x64"
 QUICK_SHAPES = "1000x8x8,1000x16x16,256x32x32,64x64x64"
-# Issue 6: (batch, m, n) -> required speedup of batched_svd over torch.linalg.svd, fp32, 2 threads.
-TARGETS = {(10000, 8, 8): 10.0, (10000, 16, 16): 10.0, (4096, 32, 32): 10.0, (1024, 64, 64): 5.0}
-ACCURACY_TARGET = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 def parse_shapes(spec: str) -> list[tuple[int, int, int]]:
@@ -112,22 +109,29 @@ def measure(
     return rows
 
 
-def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue-6 targets on the rows that match them (fp32 and 2 threads for speed)."""
+def measurements(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows' timings as data-file measurements: case `MxN`, batch = number of matrices."""
     out = []
     for r in rows:
-        shape = tuple(int(v) for v in r["shape"].split("x"))
-        dtype = DTYPES[r["dtype"]]
-        tol = ACCURACY_TARGET[dtype]
-        acc = max(r["rec_err:batched_svd"], r["orth_u:batched_svd"], r["orth_v:batched_svd"])
-        verdict: dict[str, Any] = {"shape": r["shape"], "dtype": r["dtype"], "threads": r["threads"]}
-        verdict["worst_err"] = acc
-        verdict["accuracy"] = "ok" if acc <= tol else f"MISSED (> {tol:g})"
-        if shape in TARGETS and dtype == torch.float32 and r["threads"] == 2:
-            need = TARGETS[shape]
-            verdict["speed"] = f"{'ok' if r['x_vs_svd'] >= need else 'MISSED'} ({r['x_vs_svd']:.1f}x, need {need:g}x)"
-        out.append(verdict)
+        batch, m, n = r["shape"].split("x")
+        for name, timing in r["timings"].items():
+            out.append(
+                {"case": f"{m}x{n}", "candidate": name, "threads": r["threads"], "batch": int(batch), "timing": timing}
+            )
     return out
+
+
+REPORTS = {
+    "svd": results.ReportSpec(
+        candidates=CANDIDATES,
+        ratios=(
+            results.Ratio("x svd", ("svd",), "batched_svd"),
+            results.Ratio("x svdvals", ("svdvals",), "batched_svd"),
+        ),
+        legend="case = matrix shape, batch = matrices per call; x = speedup of batched_svd over "
+        "torch.linalg.svd(full_matrices=False) and over torch.linalg.svdvals.",
+    )
+}
 
 
 TABLE_COLUMNS = [
@@ -188,11 +192,9 @@ def run(args: argparse.Namespace) -> int:
     print(harness.format_table(rows, TABLE_COLUMNS))
     print("\nAccuracy against float64 LAPACK (max over the batch):")
     print(harness.format_table([r for r in rows if r["threads"] == threads[0]], ACCURACY_COLUMNS, floatfmt=".1e"))
-    verdicts = evaluate_targets(rows)
-    print("\nIssue-6 targets:")
-    print(harness.format_table(verdicts, ["shape", "dtype", "threads", "worst_err", "accuracy", "speed"], ".1e"))
+    results.record(args, results.make_records("svd", measurements(rows), dtype=args.dtype))
     if getattr(args, "json", None):
-        path = harness.save_json(args.json, {"suite": "svd", "rows": rows, "targets": verdicts})
+        path = harness.save_json(args.json, {"suite": "svd", "rows": rows})
         print(f"\nsaved {path}")
     if getattr(args, "plot", None):
         panels = [

@@ -1,9 +1,15 @@
-"""`lowrank bench [suite] [options]`: run one benchmark suite (default: sep_conv).
+"""`lowrank bench [suite] [options]`: run one benchmark suite (default: sep_conv), or report
+on recorded results.
 
-This module adds the options every suite shares (thread counts, output paths) and the
-chosen suite's own options, then hands the parsed arguments to the suite's `run`. Before
-`run` is called, `args.json` and `args.plot` are filled in with concrete paths (under
-`--out-dir` unless given) and `args.threads` is a non-empty list of thread counts."""
+This module adds the options every suite shares (thread counts, output paths, `--record`,
+`--report`) and the chosen suite's own options, then hands the parsed arguments to the
+suite's `run`. Before `run` is called, `args.json` and `args.plot` are filled in with
+concrete paths (under `--out-dir` unless given) and `args.threads` is a non-empty list of
+thread counts; `args.record` is the data file to upsert into, or None.
+
+`lowrank bench [suite] --report [DATA]` times nothing: it prints the headline tables of the
+data file (default bench/results.csv; all suites unless one is named) and writes their plots
+under `--out-dir`. A `.json` path instead re-prints one earlier sep_conv run."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-from . import DEFAULT_SUITE, SUITES
+from . import DEFAULT_SUITE, SUITES, results
 
 DEFAULT_OUT_DIR = Path("bench") / "out"
 
@@ -35,7 +41,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def default_threads() -> list[int]:
-    """The thread count the project's targets are defined at (2), capped by the cores present."""
+    """Two threads (the configuration the recorded results compare), capped by the cores present."""
     return [max(1, min(2, os.cpu_count() or 1))]
 
 
@@ -80,9 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "suite",
         nargs="?",
-        default=DEFAULT_SUITE,
+        default=None,
         choices=list(SUITES),
-        help=f"which benchmark suite to run (default: {DEFAULT_SUITE})",
+        help=f"which benchmark suite to run (default: {DEFAULT_SUITE}; with --report: every suite)",
     )
     shared = parser.add_argument_group("options every suite shares")
     shared.add_argument(
@@ -96,10 +102,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shared.add_argument("--json", type=Path, default=None, help="JSON results path (default: OUT_DIR/SUITE-TIME.json)")
     shared.add_argument("--plot", type=Path, default=None, help="PNG plot path (default: OUT_DIR/SUITE-TIME.png)")
+    shared.add_argument(
+        "--record",
+        type=Path,
+        nargs="?",
+        const=results.DEFAULT_DATA,
+        default=None,
+        metavar="DATA",
+        help=f"upsert the medians and quartiles into the results data file (default: {results.DEFAULT_DATA})",
+    )
+    shared.add_argument(
+        "--report",
+        type=Path,
+        nargs="?",
+        const=results.DEFAULT_DATA,
+        default=None,
+        metavar="DATA",
+        help=f"time nothing: print the headline tables of a results data file (default: {results.DEFAULT_DATA}) "
+        "and write their plots to OUT_DIR/report/; a sep_conv run's .json re-prints that run",
+    )
+    shared.add_argument("--markdown", action="store_true", help="with --report: markdown tables")
+
+
+def report(args: argparse.Namespace) -> int:
+    """`--report`: the headline tables (and plots) of the results data file."""
+    names = [args.suite] if args.suite is not None else [n for n in SUITES if _suite_present(n)]
+    specs = {}
+    for name in names:
+        specs.update(_load_suite(name).REPORTS)
+    try:
+        text = results.report(args.report, specs, markdown=args.markdown, plot_dir=args.out_dir / "report")
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"lowrank bench: --report {args.report}: {e}") from None
+    print(text, end="")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the shared options and run the chosen suite."""
+    """Resolve the shared options and run the chosen suite (or report)."""
+    if args.report is not None and args.report.suffix != ".json":
+        return report(args)
+    if args.suite is None:
+        args.suite = DEFAULT_SUITE
+    if args.report is not None and args.suite != "sep_conv":
+        raise SystemExit(f"lowrank bench: --report {args.report}: a .json run report exists for sep_conv only")
     module = _load_suite(args.suite)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.json is None:

@@ -111,8 +111,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".2f") -> str:
-    """A plain-text table of `rows` restricted to `columns` (missing cells print as '-')."""
+def format_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".2f", *, markdown: bool = False
+) -> str:
+    """A plain-text table of `rows` restricted to `columns` (missing cells print as '-'); with
+    `markdown`, a GitHub-flavoured markdown table of the same cells."""
 
     def cell(v: Any) -> str:
         if v is None:
@@ -122,6 +125,10 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floa
         return str(v)
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    if markdown:
+        out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
+        out += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(out)
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     line = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
     out = [line, "  ".join("-" * w for w in widths)]

@@ -1,4 +1,4 @@
-"""The householder suite: `householder_product` and orthogonal convolutions (seed 004).
+"""The householder suite: `householder_product` and orthogonal convolutions.
 
 Part 1, per matrix shape and mode (forward / forward+backward), ONE interleaved run of:
 
@@ -11,14 +11,15 @@ All three get the same reflectors (tau = 2 / |v|^2, so Q has orthonormal columns
 backward for 1152x256 takes seconds, so that row runs `--slow-rounds` rounds (default 3) and
 repeats the fast candidates within each round instead.
 
-Part 2, the seed's comparison: one training step (forward, cross-entropy, backward, Adam) of
-seed 004's VGG-like CIFAR network (conv 5x5x3x32, conv 3x3x32x32, pool, conv 3x3x32x64,
-conv 3x3x64x64, pool, fc 2304-512, fc 512-10; 32x32 inputs, batch 64), interleaved:
+Part 2: one training step (forward, cross-entropy, backward, Adam) of a small VGG-like CIFAR
+network (conv 5x5x3x32, conv 3x3x32x32, pool, conv 3x3x32x64, conv 3x3x64x64, pool,
+fc 2304-512, fc 512-10; 32x32 inputs, batch 64), interleaved:
 
-    plain        every conv an nn.Conv2d
-    orthogonal   every conv a `lowrank_kernels.OrthogonalConv2d` (with bias, as in the seed)
-    seed_dense   the seed's construction: n dense m x m reflectors multiplied one by one
-                 (`_reference.dense_reflector_product_reference`), --no-seed-dense to skip
+    plain             every conv an nn.Conv2d
+    orthogonal        every conv a `lowrank_kernels.OrthogonalConv2d` (with bias)
+    dense_reflectors  the naive construction of the same layer: n dense m x m reflectors
+                      multiplied one by one (`_reference.dense_reflector_product_reference`),
+                      --no-dense-reflectors to skip
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch.nn.utils import parametrizations
 
 from .. import OrthogonalConv2d, householder_product
 from .._reference import dense_reflector_product_reference
-from . import harness
+from . import harness, results
 
 # name -> (m, n, batch dims)
 SHAPES: dict[str, tuple[int, int, tuple[int, ...]]] = {
@@ -45,7 +46,7 @@ SHAPES: dict[str, tuple[int, int, tuple[int, ...]]] = {
 SLOW_SHAPES = ("1152x256",)  # torch's backward takes seconds here
 MODES = ("forward", "fwd+bwd")
 CANDIDATES = ("lowrank", "torch", "parametrize")
-NETWORK_CANDIDATES = ("plain", "orthogonal", "seed_dense")
+NETWORK_CANDIDATES = ("plain", "orthogonal", "dense_reflectors")
 DEFAULT_ROUNDS = 9
 MIN_ROUND_S = 0.05
 
@@ -95,16 +96,16 @@ def make_candidates(shape: str, mode: str, dtype: torch.dtype = torch.float32) -
     }
 
 
-class _SeedDenseConv2d(OrthogonalConv2d):
-    """OrthogonalConv2d whose matrix is built the way seed 004's code did (dense reflectors)."""
+class _DenseReflectorConv2d(OrthogonalConv2d):
+    """OrthogonalConv2d whose matrix is built from dense m x m reflectors multiplied one by one."""
 
     def matrix(self) -> torch.Tensor:
         return dense_reflector_product_reference(self.vectors * self._free)
 
 
-def seed_network(conv: str = "plain", num_classes: int = 10) -> nn.Sequential:
-    """Seed 004's cifar_deep.py network; `conv` is "plain", "orthogonal" or "seed_dense"."""
-    layer = {"plain": nn.Conv2d, "orthogonal": OrthogonalConv2d, "seed_dense": _SeedDenseConv2d}[conv]
+def cifar_network(conv: str = "plain", num_classes: int = 10) -> nn.Sequential:
+    """The VGG-like CIFAR network of part 2; `conv` is "plain", "orthogonal" or "dense_reflectors"."""
+    layer = {"plain": nn.Conv2d, "orthogonal": OrthogonalConv2d, "dense_reflectors": _DenseReflectorConv2d}[conv]
     return nn.Sequential(
         layer(3, 32, 5, padding=2),
         nn.ReLU(),
@@ -123,17 +124,17 @@ def seed_network(conv: str = "plain", num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def make_network_candidates(batch: int = 64, seed_dense: bool = True) -> dict[str, Callable[[], Any]]:
+def make_network_candidates(batch: int = 64, dense_reflectors: bool = True) -> dict[str, Callable[[], Any]]:
     """One Adam training step per call for each network variant (same data)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     out = {}
     for name in NETWORK_CANDIDATES:
-        if name == "seed_dense" and not seed_dense:
+        if name == "dense_reflectors" and not dense_reflectors:
             continue
         torch.manual_seed(0)
-        net = seed_network(name)
+        net = cifar_network(name)
         opt = torch.optim.Adam(net.parameters(), lr=3e-4)
 
         def step(net=net, opt=opt):
@@ -159,7 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)}")
     parser.add_argument("--skip-network", action="store_true", help="skip the training-step comparison")
-    parser.add_argument("--no-seed-dense", action="store_true", help="skip the seed's dense-reflector network")
+    parser.add_argument(
+        "--no-dense-reflectors", action="store_true", help="skip the network built from dense reflectors"
+    )
     parser.add_argument("--batch", type=int, default=64, help="network batch size")
 
 
@@ -203,22 +206,57 @@ NETWORK_COLUMNS = (
     "rounds",
     "plain_ms",
     "orthogonal_ms",
-    "seed_dense_ms",
+    "dense_reflectors_ms",
     "ortho/plain",
-    "seed/plain",
+    "dense_refl/plain",
 )
 
 
 def _network_row(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    candidates = make_network_candidates(args.batch, seed_dense=not args.no_seed_dense)
+    candidates = make_network_candidates(args.batch, dense_reflectors=not args.no_dense_reflectors)
     timings = harness.time_interleaved(candidates, rounds=args.rounds, warmup=2)
     row: dict[str, Any] = {"batch": args.batch, "threads": threads, "rounds": args.rounds, "timings": timings}
     for name in candidates:
         row[f"{name}_ms"] = timings[name].median_ms
     row["ortho/plain"] = row["orthogonal_ms"] / row["plain_ms"]
-    if "seed_dense_ms" in row:
-        row["seed/plain"] = row["seed_dense_ms"] / row["plain_ms"]
+    if "dense_reflectors_ms" in row:
+        row["dense_refl/plain"] = row["dense_reflectors_ms"] / row["plain_ms"]
     return row
+
+
+def measurements(product_rows: list[dict[str, Any]], network_rows: list[dict[str, Any]]) -> dict[str, list]:
+    """Data-file measurements per data-file suite: products (case `mode/shape`) and the network's
+    training step (case `train_step/cifar`)."""
+    products = [
+        {"case": f"{r['mode']}/{r['shape']}", "candidate": name, "threads": r["threads"], "batch": 1, "timing": t}
+        for r in product_rows
+        for name, t in r["timings"].items()
+    ]
+    network = [
+        {"case": "train_step/cifar", "candidate": name, "threads": r["threads"], "batch": r["batch"], "timing": t}
+        for r in network_rows
+        for name, t in r["timings"].items()
+    ]
+    return {"householder": products, "householder_network": network}
+
+
+REPORTS = {
+    "householder": results.ReportSpec(
+        candidates=CANDIDATES,
+        ratios=(results.Ratio("x torch", ("torch",), "lowrank"), results.Ratio("x param", ("parametrize",), "lowrank")),
+        legend="case = mode/shape; x = speedup of householder_product over torch.linalg.householder_product "
+        "and over parametrizations.orthogonal.",
+    ),
+    "householder_network": results.ReportSpec(
+        candidates=NETWORK_CANDIDATES,
+        ratios=(
+            results.Ratio("ortho/plain", ("orthogonal",), "plain"),
+            results.Ratio("dense_refl/plain", ("dense_reflectors",), "plain"),
+        ),
+        legend="one training step (Adam) of the CIFAR network; a/plain = cost of the orthogonal layers "
+        "relative to plain nn.Conv2d (below is better).",
+    ),
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -237,8 +275,10 @@ def run(args: argparse.Namespace) -> int:
     print("\nhouseholder_product (float32; 1152x256 fwd+bwd uses --slow-rounds):")
     print(harness.format_table(product_rows, PRODUCT_COLUMNS))
     if network_rows:
-        print("\ntraining step of seed 004's CIFAR network (batch, 32x32), medians in ms:")
+        print("\ntraining step of the CIFAR network (batch, 32x32), medians in ms:")
         print(harness.format_table(network_rows, NETWORK_COLUMNS))
+    for name, found in measurements(product_rows, network_rows).items():
+        results.record(args, results.make_records(name, found, dtype="float32"))
     json_path = getattr(args, "json", None)
     if json_path:
         path = harness.save_json(json_path, {"suite": "householder", "products": product_rows, "network": network_rows})
@@ -250,9 +290,7 @@ def run(args: argparse.Namespace) -> int:
                 title=f"householder_product {mode}",
                 labels=[f"{r['shape']} {r['threads']}t" for r in product_rows if r["mode"] == mode],
                 bars={
-                    "vs torch.linalg.householder_product": [
-                        r["x_vs_torch"] for r in product_rows if r["mode"] == mode
-                    ],
+                    "vs torch.linalg.householder_product": [r["x_vs_torch"] for r in product_rows if r["mode"] == mode],
                     "vs parametrizations.orthogonal": [r["x_vs_param"] for r in product_rows if r["mode"] == mode],
                 },
                 levels={"1x": [1.0 for r in product_rows if r["mode"] == mode]},

@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .._reference import sep_conv_reference
-from . import harness
+from . import harness, results
 
 CANDIDATES = ("dense", "dense_cl", "unfused", "unfused_cl", "sep", "sep_cl")
 SEP_FORMATS = {"sep": "NCHW", "sep_cl": "channels_last"}
@@ -330,77 +328,42 @@ def thread_scaling(row: dict[str, Any], lo: int, hi: int) -> dict[str, float]:
     return {name: t[_key(name, lo)].median_ms / t[_key(name, hi)].median_ms for name in CANDIDATES}
 
 
-@dataclass
-class Target:
-    """One of issue 3's targets: `metric` (a `derived` key or 'scaling') >= `need` on the rows
-    `applies` selects."""
-
-    mode: str
-    text: str
-    metric: str
-    need: float
-    applies: Callable[[dict[str, Any]], bool] = lambda row: True
-
-
-TARGETS = (
-    Target("forward", "sep_conv / best unfused pair, every layer", "vs_unfused", 0.95),
-    Target("forward", "sep_conv / best unfused pair, conv1_2", "vs_unfused", 1.5, lambda r: r["name"] == "conv1_2"),
-    Target(
-        "forward",
-        "sep_conv / best unfused pair, conv2_1+conv2_2 b8",
-        "vs_unfused",
-        1.25,
-        lambda r: r["name"] in ("conv2_1", "conv2_2") and r["batch"] == 8,
-    ),
-    Target("forward", "efficiency = speedup over dense / FLOP ratio", "efficiency", 0.85),
-    Target("train", "sep_conv / best unfused pair, every layer", "vs_unfused", 1.0),
-    Target("train", "efficiency = speedup over dense / FLOP ratio", "efficiency", 0.6),
-    Target("forward", "2 threads / 1 thread at batch 8", "scaling", 1.7, lambda r: r["batch"] == 8),
-    Target("train", "2 threads / 1 thread at batch 8", "scaling", 1.7, lambda r: r["batch"] == 8),
-)
-
-
-def evaluate_targets(rows: Sequence[dict[str, Any]], threads: Sequence[int | None]) -> list[dict[str, Any]]:
-    """Issue 3's targets on the measured rows: per target and sep_conv memory format, the min and
-    median over the rows it applies to, PASS/FAIL, and the worst failing rows (every value is
-    in the result's "values"). Targets are defined at
-    2 threads; runs without 2 threads are judged at their largest thread count."""
-    at = 2 if 2 in threads else threads[-1]
-    results = []
-    for target in TARGETS:
-        if target.metric == "scaling" and not (1 in threads and 2 in threads):
-            continue
-        chosen = [r for r in rows if r["mode"] == target.mode and target.applies(r)]
-        if not chosen:
-            continue
-        for sep, fmt in SEP_FORMATS.items():
-            values = []
-            for r in chosen:
-                if target.metric == "scaling":
-                    v = thread_scaling(r, 1, 2)[sep]
-                else:
-                    v = derived(r, at)[f"{sep}_{target.metric}"]
-                values.append((f"{r['name']}/b{r['batch']}", v))
-            failing = sorted(((v, label) for label, v in values if v < target.need))
-            shown = ", ".join(f"{label} {v:.2f}" for v, label in failing[:3])
-            if len(failing) > 3:
-                shown += f" (+{len(failing) - 3} more)"
-            results.append(
+def measurements(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows' timings as data-file measurements (`results.make_records`): case `mode/layer`,
+    one per candidate and thread count, with the FLOPs of one call."""
+    out = []
+    for r in rows:
+        for key, timing in r["timings"].items():
+            name, _, threads = key.partition("@")
+            flops = r["dense_flops"] if name.startswith("dense") else r["lowrank_flops"]
+            out.append(
                 {
-                    "mode": target.mode,
-                    "target": target.text,
-                    "format": fmt,
-                    "threads": "1->2" if target.metric == "scaling" else at,
-                    "need": target.need,
-                    "min": min(v for _, v in values),
-                    "median": statistics.median(v for _, v in values),
-                    "rows": len(values),
-                    "result": "PASS" if not failing else "FAIL",
-                    "failing": shown or "-",
-                    "values": dict(values),
+                    "case": f"{r['mode']}/{r['name']}",
+                    "candidate": name,
+                    "threads": int(threads) if threads else None,
+                    "batch": r["batch"],
+                    "timing": timing,
+                    "flops": flops,
                 }
             )
-    return results
+    return out
+
+
+REPORTS = {
+    "sep_conv": results.ReportSpec(
+        candidates=CANDIDATES,
+        ratios=(
+            results.Ratio("sep x", ("dense", "dense_cl"), "sep"),
+            results.Ratio("sep_cl x", ("dense", "dense_cl"), "sep_cl"),
+            results.Ratio("sep/unf*", ("unfused", "unfused_cl"), "sep"),
+            results.Ratio("sep_cl/unf*", ("unfused", "unfused_cl"), "sep_cl"),
+        ),
+        flop_ratio=("dense", "sep"),
+        legend="case = mode/layer; ms = median per call (train: forward + backward, all gradients); "
+        "x = speedup over the faster dense conv (NCHW or channels_last; ideal = FLOP ratio); "
+        "/unf* = speedup over the faster unfused two-conv pair.",
+    )
+}
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str | None:
@@ -478,7 +441,6 @@ def _plot(path, rows: Sequence[dict[str, Any]], modes: Sequence[str], batches: S
     at = 2 if 2 in threads else threads[-1]
     panels = []
     for mode in modes:
-        need = next(t.need for t in TARGETS if t.mode == mode and t.metric == "efficiency")
         for batch in batches:
             sel = [r for r in rows if r["mode"] == mode and r["batch"] == batch]
             if not sel:
@@ -493,10 +455,7 @@ def _plot(path, rows: Sequence[dict[str, Any]], modes: Sequence[str], batches: S
                         "sep_conv NCHW": [d["sep_speedup"] for d in ds],
                         "sep_conv channels_last": [d["sep_cl_speedup"] for d in ds],
                     },
-                    levels={
-                        "FLOP ratio (ideal)": [r["flop_ratio"] for r in sel],
-                        f"{need} x FLOP ratio (target)": [need * r["flop_ratio"] for r in sel],
-                    },
+                    levels={"FLOP ratio (ideal)": [r["flop_ratio"] for r in sel]},
                 )
             )
         if 1 in threads and 2 in threads:
@@ -507,7 +466,7 @@ def _plot(path, rows: Sequence[dict[str, Any]], modes: Sequence[str], batches: S
                     title=f"{mode}, batch {max(batches)}: 2 threads / 1 thread",
                     labels=[r["name"] for r in sel],
                     bars={n: [s[n] for s in scale] for n in ("dense", "unfused", "sep", "sep_cl")},
-                    levels={"ideal": [2.0] * len(sel), "target 1.7": [1.7] * len(sel)},
+                    levels={"ideal": [2.0] * len(sel)},
                     ylabel="time at 1 thread / time at 2 threads",
                 )
             )
@@ -551,9 +510,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["cpu", "cuda"],
         help="default: cuda if available",
     )
-    parser.add_argument(
-        "--report", type=Path, default=None, help="print the tables and plot of an earlier run's JSON (no timing)"
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data and round order (default: 0)")
 
 
@@ -564,7 +520,7 @@ def _positive_ints(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the suite: progress while it runs, tables and target summary at the end, JSON + PNG."""
+    """Run the suite: progress while it runs, tables at the end, JSON + PNG (+ data file with --record)."""
     from tqdm import tqdm
 
     if args.report is not None:
@@ -610,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
         )
     bar.close()
 
-    targets = _report(rows, modes, threads, args.dtype, args.device, args.net, rounds, load)
+    _report(rows, modes, threads, args.dtype, args.device, args.net, rounds, load)
     json_path = harness.save_json(
         args.json,
         {
@@ -620,17 +576,17 @@ def run(args: argparse.Namespace) -> int:
             "loadavg_before": load,
             "candidates": CANDIDATES,
             "rows": [{**r, "derived": {str(t): derived(r, t) for t in threads}} for r in rows],
-            "targets": targets,
         },
     )
     title = f"sep_conv suite ({args.net}), {args.dtype}, {args.device}"
     plot_path = _plot(args.plot, rows, modes, args.batch, threads, title)
     print(f"\nwrote {json_path}\nwrote {plot_path}")
+    results.record(args, results.make_records("sep_conv", measurements(rows), dtype=args.dtype, device=args.device))
     return 0
 
 
-def _report(rows, modes, threads, dtype: str, device: str, net: str, rounds: int, load) -> list[dict[str, Any]]:
-    """Print the tables, the legend and the target summary; return the target results."""
+def _report(rows, modes, threads, dtype: str, device: str, net: str, rounds: int, load) -> None:
+    """Print the tables and the legend."""
     dev = device if device != "cpu" else f"cpu, {harness.machine_info()['cpu']}"
     print(f"\nsep_conv suite ({net}), {dtype}, {dev}, {rounds} rounds per row")
     if load is not None:
@@ -648,16 +604,6 @@ def _report(rows, modes, threads, dtype: str, device: str, net: str, rounds: int
             print(format_thread_scaling([r for r in rows if r["mode"] == mode], 1, 2))
             print()
     print(LEGEND)
-    targets = evaluate_targets(rows, threads)
-    if targets:
-        note = "" if dtype == "float32" else f" (targets are defined for float32; this run is {dtype})"
-        print(f"\nIssue-3 targets: min and median over the rows each applies to{note}")
-        print(
-            harness.format_table(
-                targets, ["mode", "target", "format", "threads", "rows", "min", "median", "need", "result", "failing"]
-            )
-        )
-    return targets
 
 
 def _rerun_report(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ compresses it with `lowrank_kernels.compress` at several energies, optionally fi
 compressed model a few epochs, and reports test accuracy, parameters, MACs and inference time
 (all models timed interleaved in one run, so the speedups are ratios on equal footing).
 With --ist-lambda it also trains a second model with singular-value soft-thresholding
-(seed 003) and compresses that one, to show how the regularizer lowers the ranks needed."""
+(a proximal nuclear-norm step after each optimizer step) and compresses that one, to show how
+the regularizer lowers the ranks needed."""
 
 from __future__ import annotations
 

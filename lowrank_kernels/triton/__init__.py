@@ -1,30 +1,18 @@
-"""Triton implementations (DESIGN section 3): callable on CUDA tensors, or on CPU tensors when
+"""Triton implementations of the lowrank ops: callable on CUDA tensors, or on CPU tensors when
 TRITON_INTERPRET=1 is set before triton is imported.
 
 This module is imported by `import lowrank_kernels` and must work without triton and without CUDA,
-so each entry point loads its kernel module (lowrank_kernels/triton/<op>.py) on first call, through
-`_kernels`."""
+so each entry point imports its kernel module (lowrank_kernels/triton/<op>_kernels.py, which
+imports triton) on first call. The kernel modules carry a `_kernels` suffix so that no module
+name shadows one of the public functions below."""
 
 from __future__ import annotations
-
-import importlib
-from types import ModuleType
 
 import torch
 
 from .._conv_args import IntOrPair, _pair
 
 __all__ = ["sep_conv", "batched_svd", "householder_product", "householder_product_backward"]
-
-
-def _kernels(name: str) -> ModuleType:
-    """Import the kernel module `lowrank_kernels.triton.<name>` (this needs triton).
-
-    Importing a submodule binds it as an attribute of this package, which would shadow the public
-    function of the same name; the function is put back. Import kernel modules only through here."""
-    module = importlib.import_module(f"{__name__}.{name}")
-    globals()[name] = _ENTRY_POINTS[name]
-    return module
 
 
 def sep_conv(
@@ -50,7 +38,9 @@ def sep_conv(
         from ..sep_conv import sep_conv as op
 
         return op(input, weight_v, weight_h, bias, stride, padding, dilation, groups)
-    return _kernels("sep_conv").sep_conv(
+    from . import sep_conv_kernels
+
+    return sep_conv_kernels.sep_conv(
         input,
         weight_v,
         weight_h,
@@ -70,7 +60,9 @@ def batched_svd(
     Same arguments and result as `lowrank_kernels.batched_svd`. CUDA tensors (or CPU tensors with
     TRITON_INTERPRET=1 set before triton is imported); ImportError if triton is not installed. For
     autograd on CUDA use `lowrank_kernels.batched_svd`, which dispatches here."""
-    return _kernels("batched_svd").batched_svd(A, rank, max_sweeps=max_sweeps)
+    from . import batched_svd_kernels
+
+    return batched_svd_kernels.batched_svd(A, rank, max_sweeps=max_sweeps)
 
 
 def householder_product(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -79,19 +71,15 @@ def householder_product(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     Same contract as torch.linalg.householder_product. CUDA tensors (or CPU tensors with
     TRITON_INTERPRET=1 set before triton is imported); ImportError if triton is not installed. For
     autograd on CUDA use `lowrank_kernels.householder_product`, which dispatches here."""
-    return _kernels("householder_product").householder_product(A, tau)
+    from . import householder_product_kernels
+
+    return householder_product_kernels.householder_product(A, tau)
 
 
 def householder_product_backward(
     grad: torch.Tensor, A: torch.Tensor, tau: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (dA, dtau) of householder_product for the output gradient `grad`, in Triton."""
-    return _kernels("householder_product").householder_product_backward(grad, A, tau)
+    from . import householder_product_kernels
 
-
-_ENTRY_POINTS = {
-    "sep_conv": sep_conv,
-    "batched_svd": batched_svd,
-    "householder_product": householder_product,
-    "householder_product_backward": householder_product_backward,
-}
+    return householder_product_kernels.householder_product_backward(grad, A, tau)

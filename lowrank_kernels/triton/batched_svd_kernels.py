@@ -29,6 +29,14 @@ __all__ = ["batched_svd"]
 
 _MAX_K = 64
 _MAX_L = 256
+TILE_SIZES = (16, 32, 64, 128, 256)  # BL and BK are powers of two from 16 (tl.dot's minimum)
+
+
+def _num_warps(BL: int, BK: int, dtype: torch.dtype) -> int:
+    """Warps per matrix: enough threads that W (BL x BK) and V, G, R (BK x BK) fit the registers of
+    one block (about 64 of a thread's 255 registers each), capped at 16 warps."""
+    words = (BL * BK + 3 * BK * BK) * (2 if dtype == torch.float64 else 1)
+    return max(4, min(16, triton.next_power_of_2(triton.cdiv(words, 32 * 64))))
 
 
 @triton.jit
@@ -175,7 +183,7 @@ def batched_svd(
     eps = torch.finfo(A.dtype).eps
     # fp32 Gram entries carry ~sqrt(l) eps rounding noise: converge just above it.
     tol = (4.0 if A.dtype == torch.float32 else 1.0) * (l**0.5) * eps
-    _jacobi_kernel[(B,)](W, V, status, tol * tol, max_sweeps, BL=BL, BK=BK)
+    _jacobi_kernel[(B,)](W, V, status, tol * tol, max_sweeps, BL=BL, BK=BK, num_warps=_num_warps(BL, BK, A.dtype))
     failed = ((status < 0) & finite).nonzero()
     if failed.numel():
         raise RuntimeError(

@@ -1,6 +1,6 @@
 """Triton kernels for sep_conv (the CUDA path of torch.ops.lowrank.sep_conv and its backward).
 
-Notation (DESIGN section 4): input x (B, C, H, W), weight_v (K, C/G, dv, 1), weight_h (N, K/G, 1, dh),
+Notation (docs/design.md): input x (B, C, H, W), weight_v (K, C/G, dv, 1), weight_h (N, K/G, 1, dh),
 intermediate t (B, K, H', W), output y (B, N, H', W'); per group Cg = C/G, Kg = K/G, Ng = N/G.
 
 Forward (one launch, `_sep_conv_fwd_kernel`)
@@ -38,7 +38,7 @@ Forward (one launch, `_sep_conv_fwd_kernel`)
     below the ridge point of 989/3.35 = 295 FLOP/byte: memory bound at about 3.35 TB/s * 192 =
     640 TFLOP/s attainable; layers with rank >= 128 are compute bound. The unfused pair also moves the
     intermediate (2*2*64 more bytes/pixel), so it is bounded at 3.35 TB/s * 147k/1024 = 480 TFLOP/s.
-    None of this is measured: no GPU here.
+    These are estimates from the roofline model, not measurements.
 
 Backward (sep_conv_backward; bias is a sum in Python)
     gt = dL/dt = horizontal transposed conv of grad_out with weight_h.
@@ -62,7 +62,7 @@ Backward (sep_conv_backward; bias is a sum in Python)
     instead of materializing them: each recompute is one stage's FLOPs, which is cheap where the layer
     is memory bound (the early, wide layers, where the unfused pair hurts most), while materializing
     costs a write + read of a B*K*H'*W tensor. On compute-bound layers (rank >= 128) materializing gt
-    once could be faster; that needs a GPU measurement.
+    once could be faster; only a GPU measurement can tell.
 
 Precision: fp32 accumulation for fp16/bf16/fp32 (fp64 accumulates in fp64). The intermediate is rounded
 to the input dtype before the second tl.dot, like the unfused reference. fp32 dots use
