@@ -11,7 +11,7 @@ from torch._prims_common import suggest_memory_format
 import lowrank_kernels as lk
 from lowrank_kernels._reference import sep_conv_reference
 
-from tolerances import assert_within, sum_bound
+from tolerances import assert_within, sep_conv_expected
 
 
 def _make(B, C, H, W, K, N, dv, dh, groups, bias, dtype=torch.float64, seed=0):
@@ -38,42 +38,25 @@ def _run(fn, tensors, gy, needs=(True, True, True, True)):
 
 def _check_against_reference(x, wv, wh, b, args, gy=None, needs=(True, True, True, True)):
     """lk.sep_conv (and with gy the gradients flagged in `needs`) in x's dtype against the float64
-    two-conv reference, each element within the rounding bound of its sums (tests/tolerances.py):
-    the reference run on absolute values gives the magnitude of every sum, the sizes give the
-    reduction lengths."""
+    two-conv reference, each element within the rounding bound of its sums (tests/tolerances.py)."""
     dtype = x.dtype
     out, grads = _run(lambda *t: lk.sep_conv(*t, *args), (x, wv, wh, b), gy, needs)
-    as64 = [t.double() if t is not None else None for t in (x, wv, wh, b)]
-    ref, ref_grads = _run(lambda *t: sep_conv_reference(*t, *args), as64, None if gy is None else gy.double())
-    absolute = [t.abs() if t is not None else None for t in as64]
-    mag, mag_grads = _run(lambda *t: sep_conv_reference(*t, *args), absolute, None if gy is None else gy.double().abs())
+    ref, ref_grads, out_bound, grad_bounds = sep_conv_expected(x, wv, wh, b, args, gy)
     assert out.dtype == dtype
     if out.numel() > 0:  # the output keeps the input's memory format, as F.conv2d's does
         assert out.is_contiguous(memory_format=suggest_memory_format(x))
-    B, _, _, W = x.shape
-    groups = args[3]
-    Cg, dv, Kg, dh = wv.shape[1], wv.shape[2], wh.shape[1], wh.shape[3]
-    Ng = wh.shape[0] // groups
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    bound = dict(
-        accumulate=torch.float32 if sixteen_bit else dtype,
-        storage=dtype,
-        roundings=2 if sixteen_bit else 1,  # 16-bit: the intermediate tile and the result are rounded
-    )
-    assert_within(out, ref, sum_bound(mag, Cg * dv + Kg * dh + 1, **bound), "output")
+    assert_within(out, ref, out_bound, "output")
     if gy is None:
         return out, ref
-    # Every gradient is a chain of sums no longer than a pixel reduction plus both stages' taps.
-    length = B * ref.shape[2] * max(W, ref.shape[3]) + Cg * dv + Kg * dh + Ng * dh + 1
     names = ("input", "weight_v", "weight_h", "bias")
-    for name, g, r, m, need in zip(names, grads, ref_grads, mag_grads, needs, strict=True):
+    for name, g, r, bound, need in zip(names, grads, ref_grads, grad_bounds, needs, strict=True):
         if r is None:
             continue
         if not need:
             assert g is None, f"grad {name} computed though not requested"
             continue
         assert g.dtype == dtype, f"grad {name}: dtype {g.dtype}"
-        assert_within(g, r, sum_bound(m, length, **bound), f"grad {name}")
+        assert_within(g, r, bound, f"grad {name}")
     return out, ref
 
 

@@ -23,16 +23,13 @@ pytest.importorskip("triton")
 
 import lowrank_kernels as lk  # noqa: E402
 from lowrank_kernels._conv_args import _pair  # noqa: E402
-from lowrank_kernels._reference import sep_conv_reference  # noqa: E402
 from lowrank_kernels.triton import sep_conv_kernels  # noqa: E402
+
+from tolerances import assert_within, sep_conv_expected  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-# Tolerances relative to the largest reference magnitude: fp32 runs with ieee dots (rounding only),
-# fp16 rounds its inputs' products and the intermediate to fp16 (unit roundoff 4.9e-4).
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
 
 def _case(B, C, H, W, K, N, dv, dh, stride=1, padding=0, dilation=1, groups=1, bias=True, channels_last=False, seed=0):
@@ -53,37 +50,33 @@ def _case(B, C, H, W, K, N, dv, dh, stride=1, padding=0, dilation=1, groups=1, b
     return tensors, {**conv, "groups": groups}
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert actual.shape == expected.shape, what
-    assert actual.dtype == dtype, what
-    if expected.numel() == 0:
-        return
-    scale = max(expected.abs().max().item(), 1e-3)
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= TOLERANCE[dtype] * scale, f"{what}: max error {err:.3e} > {TOLERANCE[dtype]:.0e} * {scale:.3e}"
-
-
 def _check_against_reference(tensors, conv, dtype=torch.float32, device=DEVICE, grads=True):
-    """Forward and every gradient of lk.triton.sep_conv vs the float64 reference on the same values."""
+    """Forward and every gradient of lk.triton.sep_conv against the float64 reference on the same
+    values, each element within the rounding bound of its sums (tests/tolerances.py)."""
     names = [n for n, t in tensors.items() if t is not None]
     ours = {
         n: t.detach().to(device=device, dtype=dtype).requires_grad_(grads) for n, t in tensors.items() if t is not None
     }
-    ref = {n: t.detach().to(device=device, dtype=torch.float64).requires_grad_(grads) for n, t in ours.items()}
     out = lk.triton.sep_conv(ours["input"], ours["weight_v"], ours["weight_h"], ours.get("bias"), **conv)
-    expected = sep_conv_reference(ref["input"], ref["weight_v"], ref["weight_h"], ref.get("bias"), **conv)
-    _assert_close(out, expected, dtype, "output")
+    assert out.dtype == dtype
+    args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    values = [ours[n].detach().cpu() if n in ours else None for n in ("input", "weight_v", "weight_h", "bias")]
     # Output (and grad_input) follow the input's memory format, like F.conv2d (empty batch: NCHW).
     channels_last = suggest_memory_format(ours["input"]) == torch.channels_last
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last), "output must follow the input's format"
     if not grads or (out.numel() == 0 and ours["input"].shape[0] > 0):
+        expected, _, bound, _ = sep_conv_expected(*values, args)
+        assert_within(out.detach().cpu(), expected, bound, "output")
         return out
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    expected, want, bound, grad_bounds = sep_conv_expected(*values, args, grad_out.cpu())
+    assert_within(out.detach().cpu(), expected, bound, "output")
     got = torch.autograd.grad(out, [ours[n] for n in names], grad_out)
-    want = torch.autograd.grad(expected, [ref[n] for n in names], grad_out.double())
-    for name, g, w in zip(names, got, want):
-        _assert_close(g, w, dtype, f"grad of {name}")
+    full = dict(zip(("input", "weight_v", "weight_h", "bias"), zip(want, grad_bounds)))
+    for name, g in zip(names, got):
+        assert g.dtype == dtype, name
+        assert_within(g.cpu(), full[name][0], full[name][1], f"grad of {name}")
     if channels_last:
         assert got[0].is_contiguous(memory_format=torch.channels_last), "grad_input must follow the input's format"
     return out
@@ -364,8 +357,10 @@ def test_gpu_matches_cudnn_pair(dtype):
     ours = lk.triton.sep_conv(x, wv, wh, b, **conv)
     t = F.conv2d(x, wv, None, (1, 1), (1, 0), (1, 1))
     cudnn = F.conv2d(t, wh, b, (1, 1), (0, 1), (1, 1))
-    scale = cudnn.abs().max().item()
-    assert (ours.float() - cudnn.float()).abs().max().item() <= 2 * TOLERANCE[dtype] * scale
+    # Both are within the rounding bound of the float64 reference, so within twice it of each other.
+    expected, _, bound, _ = sep_conv_expected(*(t.cpu() for t in (x, wv, wh, b)), ((1, 1), (1, 1), (1, 1), 1))
+    assert_within(ours.cpu(), expected, bound, "fused")
+    assert_within(ours.cpu(), cudnn.cpu().double(), 2 * bound, "fused vs cuDNN pair")
 
 
 @gpu

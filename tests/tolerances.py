@@ -75,3 +75,43 @@ def truncation_gap_factor(S: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(S.shape[:-1], dtype=torch.float64)
     gap = (S[..., k - 1] - S[..., k]).clamp_min(torch.finfo(torch.float64).tiny)
     return 1 + 2 * S[..., 0] / gap
+
+
+def _run(fn, tensors, gy):
+    leaves = [t.detach().double().requires_grad_(gy is not None) if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    if gy is None:
+        return out.detach(), None
+    out.backward(gy.double())
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def sep_conv_expected(x, wv, wh, b, args, gy=None, dtype=None):
+    """The float64 two-conv reference of sep_conv on these values and, with gy, its gradients; plus
+    the elementwise bound each result computed in `dtype` (default x.dtype) must meet.
+
+    Returns (output, gradients or None, output bound, gradient bounds or None); gradients and bounds
+    are listed for (input, weight_v, weight_h, bias), None where bias is None. 16-bit dtypes
+    accumulate in float32 and round the intermediate tile and the result to the dtype."""
+    from lowrank_kernels._reference import sep_conv_reference
+
+    dtype = dtype or x.dtype
+
+    def fn(*t):
+        return sep_conv_reference(*t, *args)
+
+    tensors = (x, wv, wh, b)
+    ref, ref_grads = _run(fn, tensors, gy)
+    mag, mag_grads = _run(fn, [t.abs() if t is not None else None for t in tensors], None if gy is None else gy.abs())
+    B, _, _, W = x.shape
+    Cg, dv, Kg, dh = wv.shape[1], wv.shape[2], wh.shape[1], wh.shape[3]
+    Ng = wh.shape[0] // args[3]
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    kind = dict(accumulate=torch.float32 if sixteen_bit else dtype, storage=dtype, roundings=2 if sixteen_bit else 1)
+    out_bound = sum_bound(mag, Cg * dv + Kg * dh + 1, **kind)
+    if gy is None:
+        return ref, None, out_bound, None
+    # Every gradient is a chain of sums no longer than a pixel reduction plus both stages' taps.
+    length = B * ref.shape[2] * max(W, ref.shape[3]) + Cg * dv + Kg * dh + Ng * dh + 1
+    grad_bounds = [sum_bound(m, length, **kind) if m is not None else None for m in mag_grads]
+    return ref, ref_grads, out_bound, grad_bounds
