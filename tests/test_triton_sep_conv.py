@@ -216,17 +216,17 @@ def test_only_some_gradients():
     "change, message",
     [
         (dict(input=torch.randn(4, 6, 7)), "input must be 4-D"),
-        (dict(weight_v=torch.randn(4, 3, 3, 1)), "input channels"),
+        (dict(weight_v=torch.randn(4, 3, 3, 1)), "weight_v expects 3 input channels"),
         (dict(weight_h=torch.randn(6, 3, 1, 3)), "weight_h expects"),
-        (dict(weight_h=torch.randn(6, 4, 1, 3).double()), "dtype"),
+        (dict(weight_h=torch.randn(6, 4, 1, 3).double()), "weight_h dtype"),
         (dict(bias=torch.randn(5)), "bias must have shape"),
         (dict(stride=0), "stride must be positive"),
         (dict(dilation=(1, 0)), "dilation must be positive"),
         (dict(padding=-1), "padding must be non-negative"),
         (dict(padding=(1, 2, 3)), "padding must be an int or a pair"),
         (dict(groups=True), "groups must be an int"),
-        (dict(weight_h=torch.randn(6, 4, 1, 30)), "larger than the padded input width"),
-        (dict(input=torch.randint(0, 3, (1, 4, 6, 7))), "floating-point"),
+        (dict(weight_h=torch.randn(6, 4, 1, 30)), "weight_h's dilated width 30 is larger than the padded input width"),
+        (dict(input=torch.randint(0, 3, (1, 4, 6, 7))), "input must be a floating-point"),
     ],
 )
 def test_bad_input_raises(change, message):
@@ -237,7 +237,7 @@ def test_bad_input_raises(change, message):
         bias=torch.randn(6),
     )
     args.update(change)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^sep_conv: {message}"):
         lk.triton.sep_conv(**args)
 
 
