@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowrank-installed
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h)
 
 .PHONY: install bench test lint clean
 
@@ -30,4 +30,4 @@ test: lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf build $(VENV) lowrank_kernels/*.so *.egg-info
+	rm -rf build dist $(VENV) lowrank_kernels/*.so lowrank_kernels/lib *.egg-info

@@ -2,10 +2,15 @@
 
 See README.md for the contract of each op; DESIGN.md section 3 fixes the public names."""
 
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+import torch  # noqa: F401  (loads libc10/libtorch, which the op library links against)
 
-# _C loads the C++ ops into torch.ops.lowrank; _cuda_registration adds the Triton CUDA kernels.
-from . import _C, _cuda_registration, triton  # noqa: F401
+from ._ops_library import cmake_prefix_path, ops_library_path
+from ._ops_library import load as _load_ops_library
+
+# The op library (no Python inside) registers the C++ ops in torch.ops.lowrank;
+# _cuda_registration adds the Triton CUDA kernels.
+_load_ops_library()
+from . import _cuda_registration, triton  # noqa: E402,F401
 from .batched_svd import batched_svd
 from .compress import compress
 from .export import to_onnx
@@ -27,5 +32,7 @@ __all__ = [
     "orthogonality_loss",
     "orthonormality_loss",
     "SVDInput",
+    "ops_library_path",
+    "cmake_prefix_path",
 ]
 __version__ = "0.1.0"
