@@ -4,15 +4,16 @@ See README.md for the contract of each op; DESIGN.md section 3 fixes the public 
 
 import torch  # noqa: F401  (loads libc10/libtorch, which the op library links against)
 
+# Importing _ops_library loads the op library (no Python inside), which defines the ops in
+# torch.ops.lowrank with their C++ kernels; it must come first: _cuda_registration then adds the
+# Triton CUDA kernels to those ops.
 from ._ops_library import cmake_prefix_path, ops_library_path
-from ._ops_library import load as _load_ops_library
 
-# The op library (no Python inside) registers the C++ ops in torch.ops.lowrank;
-# _cuda_registration adds the Triton CUDA kernels.
-_load_ops_library()
-from . import _cuda_registration, triton  # noqa: E402,F401
+# isort: split
+from . import _cuda_registration, triton  # noqa: F401
 from .batched_svd import batched_svd
 from .compress import compress
+from .deploy import export_aoti, load_aoti
 from .export import to_onnx
 from .householder_product import householder_product
 from .layers import LowRankLinear, SepConv2d
@@ -32,6 +33,8 @@ __all__ = [
     "orthogonality_loss",
     "orthonormality_loss",
     "SVDInput",
+    "export_aoti",
+    "load_aoti",
     "ops_library_path",
     "cmake_prefix_path",
 ]

@@ -32,3 +32,6 @@ def load() -> None:
             "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace` in the source tree."
         )
     torch.ops.load_library(str(path))
+
+
+load()
