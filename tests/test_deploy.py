@@ -227,6 +227,25 @@ def test_cpp_example_wrong_input(package, cpp_example, tmp_path, shape, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# make gpu-check
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the stop without a GPU")
+def test_gpu_check_stops_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu-check-out"
+    run = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
+    assert run.returncode == 2
+    assert "gpu-check: no CUDA device" in run.stderr
+    assert not out.exists()  # stopped before building or writing anything
+
+
+# ---------------------------------------------------------------------------------------------
 # The wheel in a fresh virtualenv
 
 
@@ -324,7 +343,7 @@ assert lk.__file__.startswith({str(tmp_path / "venv")!r}), lk.__file__
 assert lk.ops_library_path().startswith({str(tmp_path / "venv")!r})
 torch.manual_seed(0)
 x, wv, wh, b = torch.randn(2, 4, 9, 9), torch.randn(3, 4, 3, 1), torch.randn(5, 3, 1, 3), torch.randn(5)
-torch.testing.assert_close(lk.sep_conv(x, wv, wh, b, padding=1), ref.sep_conv_reference(x, wv, wh, b, padding=1))
+torch.testing.assert_close(lk.sep_conv(x, wv, wh, b, padding=1), ref.sep_conv_reference(x, wv, wh, b, padding=(1, 1)))
 A = torch.randn(6, 5, 4, dtype=torch.float64)
 U, S, Vh = lk.batched_svd(A)
 torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, A)
