@@ -43,8 +43,10 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST_TORCH ?= torch==2.11.*
 test-oldest:
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel ninja
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip wheel ninja
 	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(OLDEST_TORCH)"
+# the virtualenv's own setuptools where it has one (65 on Python 3.11); torch 2.11 wants < 82
+	$(OLDEST_VENV)/bin/python -m pip install --quiet "setuptools>=64,<82"
 	rm -rf $(OLDEST_VENV)/src && mkdir -p $(OLDEST_VENV)/src
 	tar -c --exclude='./.venv*' --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.so' \
 		--exclude=__pycache__ --exclude='*.egg-info' --exclude=./gpu-check-out . | tar -x -C $(OLDEST_VENV)/src
