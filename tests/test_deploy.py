@@ -251,8 +251,9 @@ def test_gpu_check_stops_without_a_gpu(tmp_path):
 
 def _source_copy(dest: Path) -> Path:
     """The tracked files of the source tree (what a fresh clone has), without build outputs."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
-    if listed.returncode == 0:
+    if top.returncode == 0 and Path(top.stdout.strip()).resolve() == ROOT and listed.returncode == 0:
         for name in filter(None, listed.stdout.split("\0")):
             if (ROOT / name).is_file():
                 (dest / name).parent.mkdir(parents=True, exist_ok=True)
