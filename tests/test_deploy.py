@@ -158,6 +158,8 @@ def cpp_example(tmp_path_factory):
     configure = [cmake, "-S", str(ROOT / "examples" / "cpp"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}"]
     for cmd in (configure + ["-DCMAKE_BUILD_TYPE=Release"], [cmake, "--build", str(build), "-j", "2"]):
         result = subprocess.run(cmd, capture_output=True, text=True)
+        if torch.version.cuda and "uses CUDA but I cannot find the CUDA" in result.stderr:
+            pytest.skip(f"torch {torch.__version__} is a CUDA build: find_package(Torch) needs the CUDA toolkit")
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return build
 
