@@ -81,8 +81,9 @@ using Metadata = std::unordered_map<std::string, std::string>;
 Metadata read_metadata(const std::string& package) {
   std::vector<char> head = read_file(package, "model package");
   if (head.size() < 4 || std::string(head.data(), 4) != std::string("PK\x03\x04", 4)) {
-    throw Failure(package + " is not an AOTInductor package (.pt2, a zip archive written by "
-                            "lowrank_kernels.export_aoti or torch._inductor.aoti_compile_and_package)");
+    throw Failure(package +
+                  " is not an AOTInductor package (.pt2, a zip archive written by "
+                  "lowrank_kernels.export_aoti or torch._inductor.aoti_compile_and_package)");
   }
   try {
     return torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(package, "model");
@@ -124,8 +125,8 @@ void check_input(const Metadata& meta, size_t index, const at::Tensor& x) {
   if (dt != dtypes().end() && dt->second != x.scalar_type()) ok = false;
   if (!ok) {
     throw Failure("input " + std::to_string(index) + " has shape " + shape_string(x.sizes()) + " and dtype " +
-                  dtype_name(x.scalar_type()) + "; the package was compiled for " + dtype_it->second + " " +
-                  want + " (batch: any size >= 1)");
+                  dtype_name(x.scalar_type()) + "; the package was compiled for " + dtype_it->second + " " + want +
+                  " (batch: any size >= 1)");
   }
 }
 
