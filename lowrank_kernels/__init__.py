@@ -2,13 +2,18 @@
 
 See README.md for an overview and docs/design.md for the contract of each op."""
 
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+import torch  # noqa: F401  (loads libc10/libtorch, which the op library links against)
 
-# _C loads the C++ ops into torch.ops.lowrank; each op family's module below adds its fake kernel,
-# autograd and CUDA (Triton) kernel.
-from . import _C, triton  # noqa: F401
+# Importing _ops_library loads the op library (no Python inside), which defines the ops in
+# torch.ops.lowrank with their C++ kernels; it must come first: each op family's module below then
+# adds its fake kernel, autograd and CUDA (Triton) kernel to those ops.
+from ._ops_library import cmake_prefix_path, ops_library_path
+
+# isort: split
+from . import triton  # noqa: F401
 from .batched_svd import batched_svd
 from .compress import compress
+from .deploy import export_aoti, load_aoti
 from .export import to_onnx
 from .householder_product import householder_product
 from .layers import LowRankLinear, SepConv2d
@@ -28,5 +33,9 @@ __all__ = [
     "orthogonality_loss",
     "orthonormality_loss",
     "SVDInput",
+    "export_aoti",
+    "load_aoti",
+    "ops_library_path",
+    "cmake_prefix_path",
 ]
 __version__ = "0.1.0"
