@@ -40,7 +40,7 @@ format: $(STAMP)
 # (non-SIMD) code paths forced, so the fallback every other CPU may take is tested too.
 test: lint
 	$(PY) -m pytest
-	LOWRANK_CPU_CAPABILITY=default $(PY) -m pytest -q
+	LOWRANK_CPU_CAPABILITY=default $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf build dist $(VENV) lowrank_kernels/*.so lowrank_kernels/lib *.egg-info
