@@ -6,7 +6,7 @@ import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 # _C loads the C++ ops into torch.ops.lowrank; _cuda_registration adds the Triton CUDA kernels.
 from . import _C, _cuda_registration, triton  # noqa: F401
-from .batched_svd import batched_svd
+from .batched_svd import batched_svd, cpu_capability
 from .compress import compress
 from .export import to_onnx
 from .householder_product import householder_product
@@ -18,6 +18,7 @@ from .svd_input import SVDInput
 __all__ = [
     "sep_conv",
     "batched_svd",
+    "cpu_capability",
     "householder_product",
     "SepConv2d",
     "LowRankLinear",
