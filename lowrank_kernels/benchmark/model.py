@@ -440,7 +440,17 @@ def run(args: argparse.Namespace) -> int:
                 typed = models if dtype == torch.float32 else {k: copy.deepcopy(m).to(dtype) for k, m in models.items()}
                 for batch in batches:
                     row = measure(
-                        name, dense, models["unfused"], typed, ort_runs, dtype, batch, args.image, rounds, args.warmup, args.seed
+                        name,
+                        dense,
+                        models["unfused"],
+                        typed,
+                        ort_runs,
+                        dtype,
+                        batch,
+                        args.image,
+                        rounds,
+                        args.warmup,
+                        args.seed,
                     )
                     row["threads"] = threads
                     rows.append(row)
