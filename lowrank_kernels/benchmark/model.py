@@ -207,13 +207,18 @@ def _capture_fd1(path: Path):
         os.close(saved)
 
 
-def onednn_isa(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The ISA oneDNN reports and the implementation it picks for a channels_last 3 x 3 conv."""
-    info: dict[str, Any] = {"isa": None, "conv_impl": None, "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+def onednn_info(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """What PyTorch's convolution does with a VGG-sized channels_last 3 x 3 conv in `dtype`: the
+    backend PyTorch selects, and from oneDNN's verbose log the ISA oneDNN reports (printed by the
+    first oneDNN primitive of the process, so possibly None for later calls) and the
+    implementation it ran (e.g. brg_conv_fwd:avx512_core)."""
+    info: dict[str, Any] = {"backend": None, "isa": None, "conv_impl": None}
+    x = torch.randn(1, 128, 56, 56, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(128, 128, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
+    with contextlib.suppress(Exception):  # a private API: informative only
+        info["backend"] = str(torch._C._select_conv_backend(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, None))
     if not torch.backends.mkldnn.is_available():
         return info
-    x = torch.randn(1, 32, 16, 16, dtype=dtype).to(memory_format=torch.channels_last)
-    w = torch.randn(32, 32, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "verbose.txt"
         try:
@@ -225,8 +230,10 @@ def onednn_isa(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     m = re.search(r"isa:([^\n]+)", text)
     info["isa"] = m.group(1).strip() if m else None
     for line in text.splitlines():
-        if ",exec," in line and "convolution" in line:
-            info["conv_impl"] = line.split(",")[5] if len(line.split(",")) > 5 else line
+        fields = line.split(",")
+        if "exec" in fields and "convolution" in fields:
+            i = fields.index("convolution")
+            info["conv_impl"] = fields[i + 1] if i + 1 < len(fields) else None
             break
     return info
 
@@ -237,8 +244,9 @@ def environment() -> dict[str, Any]:
         **harness.machine_info(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "lowrank_cpu_capability": cpu_capability(),
-        "onednn_float32": onednn_isa(torch.float32),
-        "onednn_bfloat16": onednn_isa(torch.bfloat16),
+        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "onednn_float32": onednn_info(torch.float32),
+        "onednn_bfloat16": onednn_info(torch.bfloat16),
     }
 
 
