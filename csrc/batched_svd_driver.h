@@ -71,7 +71,7 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
                                             std::vector<C>(k * L), std::vector<double>(L), std::vector<char>(L), 0});
     std::vector<C> cs(2 * pairs.size() * L + 2 * L);
     std::vector<unsigned> pair_mask(pairs.size());
-    std::vector<double> Q(l * k), sigma(k), inv_sigma(k);
+    std::vector<double> Q(l * k), Vs(k * k), sigma(k), inv_sigma(k), signs(k);
     std::vector<char> deficient(k);
     std::vector<int64_t> order(k);
     std::vector<GramWork> gram_work;
@@ -94,12 +94,20 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
             if (ok && amax > 0) std::frexp(double(amax), &e);
             scale[lane] = std::ldexp(1.0, -e);  // power of two: exact
           }
-          for (int64_t j = 0; j < k; ++j)
-            for (int64_t i = 0; i < l; ++i) {
-              const int64_t at = wide ? j * n + i : i * n + j;
-              for (int lane = 0; lane < L; ++lane)
-                W[(j * l + i) * L + lane] = src[lane] ? C(double(src[lane][at]) * scale[lane]) : C(0);
+          // Lane by lane in A's own order (contiguous reads): A[r][c] goes to W's column c, row r
+          // (tall) or column r, row c (wide).
+          for (int lane = 0; lane < L; ++lane) {
+            C* w = W.data() + lane;
+            const T* a = src[lane];
+            if (a == nullptr) {
+              for (int64_t p = 0; p < l * k; ++p) w[p * L] = C(0);
+              continue;
             }
+            const double s = scale[lane];
+            const int64_t row_step = wide ? l : 1, col_step = wide ? 1 : l;
+            for (int64_t r = 0; r < m; ++r)
+              for (int64_t c = 0; c < n; ++c) w[(r * row_step + c * col_step) * L] = C(double(a[r * n + c]) * s);
+          }
         }
         if constexpr (std::is_same_v<C, double>) {
           if (gram) {
@@ -164,16 +172,19 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
               any_deficient |= bool(deficient[j]);
               inv_sigma[j] = deficient[j] ? 0.0 : 1.0 / sigma[j];
             }
-            // Normalized long-side vectors: read from W directly, or from Q after completion (rare).
-            if (any_deficient) {
-              for (int64_t j = 0; j < k; ++j)
-                for (int64_t i = 0; i < l; ++i) Q[j * l + i] = double(W[(j * l + i) * L + lane]) * inv_sigma[j];
-              complete_columns(Q, deficient, l, k);
+            // This lane's vectors, contiguous: Q (l x k, column-major) the normalized long side,
+            // completed where a column is numerically zero (rare); Vs (k x k) the short side.
+            for (int64_t j = 0; j < k; ++j) {
+              const C* wj = W.data() + j * l * L + lane;
+              for (int64_t i = 0; i < l; ++i) Q[j * l + i] = double(wj[i * L]) * inv_sigma[j];
+              const C* vj = Vm.data() + j * k * L + lane;
+              for (int64_t i = 0; i < k; ++i) Vs[j * k + i] = double(vj[i * L]);
             }
-            auto long_side = [&](int64_t j, int64_t i) {
-              return any_deficient ? Q[j * l + i] : double(W[(j * l + i) * L + lane]) * inv_sigma[j];
-            };
-            auto short_side = [&](int64_t j, int64_t i) { return double(Vm[(j * k + i) * L + lane]); };
+            if (any_deficient) complete_columns(Q, deficient, l, k);
+            // Columns of the right (n entries) and left (m entries) singular vectors.
+            const double* right = wide ? Q.data() : Vs.data();
+            const double* left = wide ? Vs.data() : Q.data();
+            const int64_t right_stride = wide ? l : k, left_stride = wide ? k : l;
             // Insertion sort, descending (k is small; stable).
             for (int64_t j = 0; j < k; ++j) {
               int64_t i = j;
@@ -187,22 +198,16 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
             for (int64_t r = 0; r < rank; ++r) {
               const int64_t j = order[r];
               Sb[r] = T(sigma[j] * inv_scale);
-              // Right singular vector: column j of V (tall) or of the long side (wide). Sign: its
-              // largest entry is positive.
+              // Sign: the largest entry of each right singular vector is positive.
+              const double* v = right + j * right_stride;
               double big = 0;
-              for (int64_t c = 0; c < n; ++c) {
-                const double v = wide ? long_side(j, c) : short_side(j, c);
-                if (std::abs(v) > std::abs(big)) big = v;
-              }
-              const double sgn = big < 0 ? -1.0 : 1.0;
-              if (wide) {
-                for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * long_side(j, c));
-                for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * short_side(j, i));
-              } else {
-                for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(sgn * short_side(j, c));
-                for (int64_t i = 0; i < m; ++i) Ub[i * rank + r] = T(sgn * long_side(j, i));
-              }
+              for (int64_t c = 0; c < n; ++c)
+                if (std::abs(v[c]) > std::abs(big)) big = v[c];
+              signs[r] = big < 0 ? -1.0 : 1.0;
+              for (int64_t c = 0; c < n; ++c) Vhb[r * n + c] = T(signs[r] * v[c]);
             }
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t r = 0; r < rank; ++r) Ub[i * rank + r] = T(signs[r] * left[order[r] * left_stride + i]);
           }
         }
       }
