@@ -34,13 +34,15 @@
 // on top (lapack_fallback below).
 //
 // The lanes follow the vector width of the CPU the call runs on (lowrank::cpu_capability():
-// 8 doubles / 16 floats with AVX-512, 4 / 8 with AVX2, 2 / 4 otherwise); the kernels are one
-// source (batched_svd_kernels.h) compiled per level in batched_svd_<level>.cpp. This file holds
+// 8 doubles / 16 floats with AVX-512, 4 / 8 with AVX2, 2 / 4 otherwise; with AVX-512 the float32
+// Gram route keeps 4-double lanes, which measured faster for it); the kernels are one source
+// (batched_svd_kernels.h) compiled per level and width in batched_svd_<level>.cpp. This file holds
 // the argument checks, the LAPACK fallback, the dispatch and the op registrations.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <limits>
 #include <optional>
@@ -77,6 +79,16 @@ std::tuple<Tensor, Tensor, Tensor> lapack_fallback(const Tensor& A, int64_t rank
   S = S.masked_fill(bad.unsqueeze(-1), nan).contiguous();
   Vh = (Vh * sign).masked_fill(bad.unsqueeze(-1).unsqueeze(-1), nan).contiguous();
   return {U, S, Vh};
+}
+
+// Measurement switch (not part of the API): LOWRANK_SVD_AVX512_WIDE=1 runs the Gram route at
+// 8-double lanes as well.
+bool svd_force_512() {
+  static const bool wide = [] {
+    const char* v = std::getenv("LOWRANK_SVD_AVX512_WIDE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return wide;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optional<int64_t> rank_opt,
@@ -117,7 +129,12 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   switch (cpu_capability()) {
 #if defined(__x86_64__)
     case CpuCapability::AVX512:
-      svd::run_avx512(call);
+      // Gram route: 4-double lanes (8 measured slower there, see batched_svd_avx512_256.cpp).
+      if (gram && !svd_force_512()) {
+        svd::run_avx512_256(call);
+      } else {
+        svd::run_avx512(call);
+      }
       break;
     case CpuCapability::AVX2:
       svd::run_avx2(call);

@@ -26,6 +26,7 @@ void run_default(const SvdCall& call);
 #if defined(__x86_64__)
 void run_avx2(const SvdCall& call);
 void run_avx512(const SvdCall& call);
+void run_avx512_256(const SvdCall& call);  // AVX-512 instructions, 32-byte lanes
 #endif
 
 }  // namespace lowrank::svd

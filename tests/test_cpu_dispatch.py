@@ -61,9 +61,12 @@ json.dump(out, sys.stdout)
 """
 
 
-def _run(code: str, capability: str | None, *args: str) -> subprocess.CompletedProcess:
+def _run(code: str, capability: str | None, *args: str, wide: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("LOWRANK_CPU_CAPABILITY", None)
+    env.pop("LOWRANK_SVD_AVX512_WIDE", None)
+    if wide:
+        env["LOWRANK_SVD_AVX512_WIDE"] = "1"
     if capability is not None:
         env["LOWRANK_CPU_CAPABILITY"] = capability
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -94,9 +97,14 @@ def test_machine_level_is_the_best_the_cpu_supports():
         assert MACHINE_LEVEL in LEVELS
 
 
-@pytest.mark.parametrize("level", SUPPORTED)
-def test_batched_svd_at_every_supported_level(level):
-    proc = _run(_CHILD, level, json.dumps(CASES))
+# At the avx512 level the float32 Gram route runs at 4-double lanes; LOWRANK_SVD_AVX512_WIDE=1
+# runs it at 8 as well, so that every compiled kernel is checked.
+VARIANTS = [(level, False) for level in SUPPORTED] + ([("avx512", True)] if "avx512" in SUPPORTED else [])
+
+
+@pytest.mark.parametrize("level,wide", VARIANTS)
+def test_batched_svd_at_every_supported_level(level, wide):
+    proc = _run(_CHILD, level, json.dumps(CASES), wide=wide)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["capability"] == level
