@@ -272,6 +272,17 @@ def ort_session(model: nn.Module, example: torch.Tensor, path: Path, threads: in
     return run
 
 
+def _have_onnx_runtime() -> bool:
+    """ONNX Runtime and the exporter are the `export` extra; without them the suite runs the
+    PyTorch candidates only."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"model suite: {', '.join(missing)} not installed (pip install lowrank_kernels[export]); skipping ORT")
+    return not missing
+
+
 # ---- Measurement. ----
 
 
@@ -439,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
             m.to(memory_format=torch.channels_last)
         ort_runs: dict[str, Callable[[torch.Tensor], Any]] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            if not args.no_onnx and torch.float32 in dtypes:
+            if not args.no_onnx and torch.float32 in dtypes and _have_onnx_runtime():
                 example = torch.randn(1, 3, args.image, args.image)
                 with contextlib.redirect_stdout(None):
                     ort_runs["ort_dense"] = ort_session(dense, example, Path(tmp) / "dense.onnx", threads)
