@@ -5,10 +5,12 @@ The library holds the `lowrank` ops, their CPU kernels and registrations, and ne
 links only libc10/libtorch/libtorch_cpu, so the same file serves `torch.ops.load_library` in Python
 and a C++ program (AOTInductor, libtorch) that finds it with `find_package(LowrankKernels)`.
 
-LOWRANK_CPU_ARCH picks the instruction set: "native" (default, the build machine's CPU),
-any value gcc accepts for -march (e.g. "x86-64-v3" for AVX2+FMA, "x86-64-v2" for CPUs
-without AVX2), or "generic" for no -march flag at all. Kernels keep a scalar path for
-CPUs without AVX2/FMA.
+The default build is portable: no -march flag, so the library runs on any CPU of the
+target architecture (any x86-64, aarch64, ...); kernels with hand-written SIMD are compiled
+per instruction set in their own files and chosen at run time (LOWRANK_CPU_CAPABILITY
+caps the choice). LOWRANK_CPU_ARCH=<value> adds -march=<value> for a build that only has
+to run on one kind of CPU ("native": the build machine's; any value gcc accepts, e.g.
+"x86-64-v3"); empty or "generic" means no -march flag.
 """
 
 import glob
@@ -19,8 +21,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
 def _arch_flags() -> list[str]:
-    arch = os.environ.get("LOWRANK_CPU_ARCH", "native")
-    return [] if arch == "generic" else [f"-march={arch}"]
+    arch = os.environ.get("LOWRANK_CPU_ARCH", "").strip()
+    return [] if arch in ("", "generic") else [f"-march={arch}"]
 
 
 class _BuildOpsLibrary(BuildExtension.with_options(use_ninja=True, no_python_abi_suffix=True)):

@@ -11,7 +11,7 @@ from ._ops_library import cmake_prefix_path, ops_library_path
 
 # isort: split
 from . import triton  # noqa: F401
-from .batched_svd import batched_svd
+from .batched_svd import batched_svd, cpu_capability
 from .compress import compress
 from .deploy import export_aoti, load_aoti
 from .export import to_onnx
@@ -24,6 +24,7 @@ from .svd_input import SVDInput
 __all__ = [
     "sep_conv",
     "batched_svd",
+    "cpu_capability",
     "householder_product",
     "SepConv2d",
     "LowRankLinear",

@@ -46,6 +46,16 @@ _DEFAULT_MAX_SWEEPS = 40
 _ETA_EPS = 100.0  # eta = _ETA_EPS * eps(dtype) * sigma_max
 
 
+def cpu_capability() -> str:
+    """The instruction-set level the hand-written CPU SIMD kernels run at in this process:
+    "avx512", "avx2" or "default" (portable code; always on non-x86 CPUs).
+
+    The highest level the CPU supports, capped by the environment variable
+    LOWRANK_CPU_CAPABILITY=default|avx2|avx512 (read once, at the first kernel call; a level
+    above the CPU's falls back to the CPU's with a warning, any other value is a ValueError)."""
+    return torch.ops.lowrank.cpu_capability()
+
+
 def batched_svd(
     A: torch.Tensor, rank: int | None = None, *, max_sweeps: int = _DEFAULT_MAX_SWEEPS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,5 +8,6 @@ SUITES = {
     "sep_conv": "lowrank_kernels.benchmark.sep_conv",
     "svd": "lowrank_kernels.benchmark.batched_svd",
     "householder": "lowrank_kernels.benchmark.householder_product",
+    "model": "lowrank_kernels.benchmark.model",
 }
 DEFAULT_SUITE = "sep_conv"
