@@ -38,7 +38,7 @@ from torch import nn
 from .._reference import sep_conv_reference
 from ..batched_svd import cpu_capability
 from ..layers import SepConv2d
-from . import harness
+from . import harness, results
 from .sep_conv import NETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,6 +47,37 @@ DEFAULT_ROUNDS = 7
 QUICK_ROUNDS = 3
 TORCH_CANDIDATES = ("dense", "unfused", "sep")
 ORT_CANDIDATES = ("ort_dense", "ort_sep")
+
+# `lowrank bench model --report`: whole-network times and the ratios users ask about.
+REPORTS = {
+    "model": results.ReportSpec(
+        candidates=(*TORCH_CANDIDATES, *ORT_CANDIDATES),
+        ratios=(
+            results.Ratio("sep vs dense", ("dense",), "sep"),
+            results.Ratio("sep vs unfused", ("unfused",), "sep"),
+            results.Ratio("sep vs ORT sep", ("ort_sep",), "sep"),
+            results.Ratio("ORT sep vs ORT dense", ("ort_dense",), "ort_sep"),
+        ),
+        legend="case = network at its image size; dense = the original network, unfused = the compressed "
+        "network as two plain convolutions per layer, sep = the compressed network on sep_conv, ort_* = the "
+        "same networks exported with lk.to_onnx in ONNX Runtime (float32 only); ratio > 1: the candidate is faster.",
+    )
+}
+
+
+def measurements(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows' timings as data-file measurements (one per candidate)."""
+    return [
+        {
+            "case": f"{r['model']}@{r['image']}",
+            "candidate": name,
+            "threads": r["threads"],
+            "batch": r["batch"],
+            "timing": timing,
+        }
+        for r in rows
+        for name, timing in r["timings"].items()
+    ]
 
 
 # ---- The networks (torchvision's layouts, written out here). ----
@@ -486,6 +517,11 @@ def run(args: argparse.Namespace) -> int:
     print(LEGEND)
     print("\nOutput error against the float32 dense network (err) and the float32 compressed one (err_c):")
     print(harness.format_table(rows, ERROR_COLUMNS, floatfmt=".1e"))
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        results.record(
+            args, results.make_records("model", measurements([r for r in rows if r["dtype"] == name]), dtype=name)
+        )
     if getattr(args, "json", None):
         path = harness.save_json(
             args.json,
