@@ -22,7 +22,7 @@ setup(
     ext_modules=[
         CppExtension(
             "lowrank_kernels._C",
-            sorted(glob.glob("csrc/*.cpp")),
+            sorted(glob.glob("csrc/**/*.cpp", recursive=True)),
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", *_arch_flags()],
             extra_link_args=["-fopenmp"],
         )

@@ -1,0 +1,198 @@
+// Forward of the CPU sep_conv. A tile is (batch b, group g, a block of output rows [r0, r1));
+// each thread keeps its own tile buffers and runs, per tile:
+//
+//   1. stage 1 (vertical, C -> K): tacc (rows*W pixels x Kg, float) = sum_i X_i * Wv_i, one GEMM
+//      per tap i, where X_i (rows*W pixels x Cg) is the tile's input rows shifted down by tap i.
+//      X is read in place for a channels_last tile inside the image (leading dimension C);
+//      otherwise the rows are copied pixel-major into xbuf (NCHW transposed, 16-bit data
+//      converted where the kernels compute in float, rows in the vertical padding zero).
+//      A vertical stride > 1 takes one GEMM per output row and tap;
+//   2. the intermediate is rounded to the input dtype (bfloat16/float16 tiles: the unfused
+//      pair's numerics) into tpad (rows x Wp pixels x Kg), whose pad_h columns either side of
+//      each row stay zero: the horizontal padding;
+//   3. stage 2 (horizontal, K -> N): cbuf (rows x Wv pixels x Ng, float) = sum_j T_j * Wh_j,
+//      one GEMM per tap j over all rows of the tile at once: output pixel (r, w') of tap j
+//      reads tpad pixel r*Wp + w'*sh + j*lh, i.e. row r*Wv + w' of a matrix with leading
+//      dimension sh*Kg when Wp = Wv*sh (Wp is rounded up to a multiple of sh; the Wv - W'
+//      extra pixels per row are computed and dropped);
+//   4. cbuf plus bias goes to the output in its dtype and memory format (NCHW transposed).
+//
+// The GEMMs are micro_gemm.h's (oneDNN brgemm for float and native 16-bit; BLAS for double).
+#include "sep_conv.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "micro_gemm.h"
+#include "pixel_layout.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace lowrank {
+namespace sep_conv {
+namespace {
+
+// In: the dtype of the tensors; Op: the GEMM operand type (In, or float for 16-bit data where
+// oneDNN has no 16-bit kernel on this CPU). CL: channels_last.
+template <typename In, typename Op, bool CL>
+struct ForwardKernel {
+  using Acc = acc_t<Op>;
+  const SepConvShape& s;
+  const In* x;
+  In* y;
+  std::vector<Op> wvp, whp;  // packed B operands per (group, tap)
+  std::vector<Acc> bias;     // N values (zeros without bias)
+  int64_t wv_block, wh_block;
+  int64_t Wp, Wv, nin_max;
+
+  ForwardKernel(const SepConvShape& shape, const In* x_, const In* wv, const In* wh, const In* b, In* y_)
+      : s(shape), x(x_), y(y_) {
+    Wv = (s.width + 2 * s.pad_h + s.stride_h - 1) / s.stride_h;
+    Wp = Wv * s.stride_h;
+    // Weight B operands: stage 1 tap i of group g is (Cg x Kg), B[c][k] = wv[g*Kg + k][c][i];
+    // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j].
+    wv_block = packed_b_size<Op>(s.cg, s.kg);
+    wh_block = packed_b_size<Op>(s.kg, s.ng);
+    wvp.resize(s.groups * s.dv * wv_block);
+    whp.resize(s.groups * s.dh * wh_block);
+    std::vector<Op> tmp(std::max(s.cg * s.kg, s.kg * s.ng));
+    for (int64_t g = 0; g < s.groups; ++g) {
+      for (int64_t i = 0; i < s.dv; ++i) {
+        for (int64_t c = 0; c < s.cg; ++c)
+          for (int64_t k = 0; k < s.kg; ++k) tmp[c * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
+        pack_b<Op>(s.cg, s.kg, tmp.data(), s.kg, wvp.data() + (g * s.dv + i) * wv_block);
+      }
+      for (int64_t j = 0; j < s.dh; ++j) {
+        for (int64_t k = 0; k < s.kg; ++k)
+          for (int64_t n = 0; n < s.ng; ++n) tmp[k * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
+        pack_b<Op>(s.kg, s.ng, tmp.data(), s.ng, whp.data() + (g * s.dh + j) * wh_block);
+      }
+    }
+    bias.assign(s.out_channels, Acc(0));
+    if (b)
+      for (int64_t n = 0; n < s.out_channels; ++n) bias[n] = Acc(b[n]);
+  }
+
+  int64_t input_rows(int64_t rows) const { return (rows - 1) * s.stride_v + s.dil_v * (s.dv - 1) + 1; }
+
+  int64_t bytes_per_row() const {
+    return s.stride_v * s.width * s.cg * int64_t(sizeof(Op)) + s.width * s.kg * int64_t(sizeof(Acc)) +
+           Wp * s.kg * int64_t(sizeof(Op)) + Wv * s.ng * int64_t(sizeof(Acc));
+  }
+
+  void run() {
+    const Tiling tiling = choose_tiling(s, bytes_per_row(), 1);
+    const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      const int64_t max_rows = tiling.max_rows;
+      std::vector<Op> xbuf(input_rows(max_rows) * s.width * s.cg);
+      std::vector<Acc> tacc(max_rows * s.width * s.kg);
+      std::vector<Op> tpad(max_rows * Wp * s.kg);  // zero: the pad columns are never written
+      std::vector<Acc> cbuf(max_rows * Wv * s.ng);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const Tiling::Location at = tiling.locate(tile, s.groups);
+        const int64_t r0 = tiling.begin(at.tt, s.out_height), r1 = tiling.begin(at.tt + 1, s.out_height);
+        run_tile(at.b, at.g, r0, r1 - r0, xbuf.data(), tacc.data(), tpad.data(), cbuf.data());
+      }
+      release<Op>();
+    });
+  }
+
+  void run_tile(int64_t b, int64_t g, int64_t r0, int64_t rows, Op* xbuf, Acc* tacc, Op* tpad, Acc* cbuf) const {
+    const int64_t H = s.height, W = s.width, Ho = s.out_height, Wo = s.out_width;
+    const In* xb = x + b * s.in_channels * H * W;
+    // 1. Stage 1 from input rows [top, top + nin).
+    const int64_t top = r0 * s.stride_v - s.pad_v, nin = input_rows(rows);
+    const Op* xr;
+    int64_t ld;
+    if (in_place(top, nin)) {
+      xr = reinterpret_cast<const Op*>(xb) + top * W * s.in_channels + g * s.cg;
+      ld = s.in_channels;
+    } else {
+      load_pixel_rows<In, Op, CL>(xb, s.in_channels, H, W, g * s.cg, s.cg, top, nin, xbuf);
+      xr = xbuf;
+      ld = s.cg;
+    }
+    const Op* wv = wvp.data() + g * s.dv * wv_block;
+    for (int64_t i = 0; i < s.dv; ++i) {
+      const Op* xi = xr + i * s.dil_v * W * ld;
+      if (s.stride_v == 1) {
+        gemm<Op>(rows * W, s.kg, s.cg, xi, ld, wv + i * wv_block, tacc, s.kg, i > 0);
+      } else {
+        for (int64_t rr = 0; rr < rows; ++rr)
+          gemm<Op>(W, s.kg, s.cg, xi + rr * s.stride_v * W * ld, ld, wv + i * wv_block, tacc + rr * W * s.kg, s.kg,
+                   i > 0);
+      }
+    }
+    // 2. Round into the padded tile.
+    for (int64_t rr = 0; rr < rows; ++rr)
+      round_rows<In, Op>(tacc + rr * W * s.kg, W * s.kg, tpad + (rr * Wp + s.pad_h) * s.kg);
+    // 3. Stage 2.
+    const Op* wh = whp.data() + g * s.dh * wh_block;
+    const int64_t m = (rows - 1) * Wv + Wo;
+    for (int64_t j = 0; j < s.dh; ++j)
+      gemm<Op>(m, s.ng, s.kg, tpad + j * s.dil_h * s.kg, s.stride_h * s.kg, wh + j * wh_block, cbuf, s.ng, j > 0);
+    // 4. Bias and store.
+    In* yb = y + b * s.out_channels * Ho * Wo;
+    store_pixel_rows<Acc, In, CL>(cbuf, Wv, s.ng, bias.data() + g * s.ng, rows, Wo, yb, s.out_channels, Ho,
+                                  g * s.ng, r0);
+  }
+
+  // Whether stage 1 reads the input in place: channels_last, no conversion, every row inside.
+  bool in_place(int64_t top, int64_t nin) const {
+    return CL && std::is_same_v<In, Op> && top >= 0 && top + nin <= s.height;
+  }
+};
+
+template <typename In, typename Op>
+void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& wv, const Tensor& wh,
+                 const Tensor& b, Tensor& y) {
+  const In* bp = b.defined() ? b.data_ptr<In>() : nullptr;
+  if (cl) {
+    ForwardKernel<In, Op, true>(s, x.data_ptr<In>(), wv.data_ptr<In>(), wh.data_ptr<In>(), bp, y.data_ptr<In>()).run();
+  } else {
+    ForwardKernel<In, Op, false>(s, x.data_ptr<In>(), wv.data_ptr<In>(), wh.data_ptr<In>(), bp, y.data_ptr<In>())
+        .run();
+  }
+}
+
+}  // namespace
+
+Tensor forward(const SepConvShape& s, const Tensor& input, const Tensor& weight_v, const Tensor& weight_h,
+               const std::optional<Tensor>& bias) {
+  const auto memory_format = input.suggest_memory_format();
+  const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
+  Tensor out = empty_result({s.batch, s.out_channels, s.out_height, s.out_width},
+                            input.options().memory_format(memory_format));
+  if (out.numel() == 0) return out;
+  const Tensor x = input.contiguous(memory_format);
+  const Tensor wv = weight_v.contiguous(), wh = weight_h.contiguous();
+  const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
+  switch (input.scalar_type()) {
+    case at::kFloat:
+      run_forward<float, float>(s, cl, x, wv, wh, b, out);
+      break;
+    case at::kDouble:
+      run_forward<double, double>(s, cl, x, wv, wh, b, out);
+      break;
+    case at::kBFloat16:
+      if (native_16bit_ok(at::kBFloat16, s.cg) && native_16bit_ok(at::kBFloat16, s.kg))
+        run_forward<at::BFloat16, at::BFloat16>(s, cl, x, wv, wh, b, out);
+      else
+        run_forward<at::BFloat16, float>(s, cl, x, wv, wh, b, out);
+      break;
+    case at::kHalf:
+      if (native_16bit_ok(at::kHalf, s.cg) && native_16bit_ok(at::kHalf, s.kg))
+        run_forward<at::Half, at::Half>(s, cl, x, wv, wh, b, out);
+      else
+        run_forward<at::Half, float>(s, cl, x, wv, wh, b, out);
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "sep_conv: unsupported dtype ", input.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace sep_conv
+}  // namespace lowrank

@@ -1,0 +1,72 @@
+// Shared declarations of the CPU sep_conv: the checked shape of a call, how output rows are cut
+// into per-thread tiles, and the forward/backward entry points (forward.cpp, backward.cpp) that
+// registration.cpp binds to the op schema. Semantics: the result equals
+//   t = conv2d(x, weight_v, stride=(sv, 1), padding=(pv, 0), dilation=(lv, 1), groups)
+//   y = conv2d(t, weight_h, bias, stride=(1, sh), padding=(0, ph), dilation=(1, lh), groups)
+// computed tile by tile, so the (B, K, H', W) intermediate t never exists in full.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace lowrank {
+namespace sep_conv {
+
+using at::Tensor;
+
+struct SepConvShape {
+  int64_t batch, in_channels, height, width;  // input
+  int64_t rank, out_channels, dv, dh, groups;
+  int64_t cg, kg, ng;  // channels per group: input, intermediate, output
+  int64_t stride_v, stride_h, pad_v, pad_h, dil_v, dil_h;
+  int64_t out_height, out_width;
+};
+
+// The one C++ place that validates sep_conv arguments (forward and backward share it).
+SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const Tensor& weight_h,
+                            const std::optional<Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// How the output rows of one (batch, group) image are cut into tiles. Tile t covers rows
+// [t*H'/n, (t+1)*H'/n), so tile heights differ by at most one row.
+struct Tiling {
+  int64_t per_image = 1;  // tiles per (batch, group) image
+  int64_t max_rows = 1;
+  int64_t begin(int64_t t, int64_t out_height) const { return t * out_height / per_image; }
+
+  // Where tile number `tile` of a call lies: its image (= b * groups + g), batch b, group g and
+  // its index tt among the image's tiles.
+  struct Location {
+    int64_t image, b, g, tt;
+  };
+  Location locate(int64_t tile, int64_t groups) const {
+    const int64_t image = tile / per_image;
+    return {image, image / groups, image % groups, tile % per_image};
+  }
+};
+
+// Per-thread buffers of about `budget` bytes. 512 KiB (this machine's L2) measured best on
+// VGG-16: 256 KiB gives tiles of 2-3 rows on 14x14/28x28 layers, and GEMMs that narrow lose
+// 10-30%; the buffers are streamed once per stage, so spilling part of them to L3 costs less.
+// `passes` = 2 in the backward, whose grad_input scatter runs
+// even and odd tiles in separate passes: there a tile must be at least as tall as the
+// vertical halo so that tiles two apart never touch the same input rows.
+// `at_least` rows per tile overrides the budget, as long as that still leaves a tile per thread.
+Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes, int64_t at_least = 1);
+
+// An empty tensor for a large result (see checks_and_tiling.cpp for LOWRANK_HUGE_PAGES).
+Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The op's CPU kernels (arguments already checked into `s`).
+Tensor forward(const SepConvShape& s, const Tensor& input, const Tensor& weight_v, const Tensor& weight_h,
+               const std::optional<Tensor>& bias);
+std::tuple<Tensor, Tensor, Tensor> backward(const SepConvShape& s, const Tensor& grad_out, const Tensor& input,
+                                            const Tensor& weight_v, const Tensor& weight_h,
+                                            std::array<bool, 3> output_mask);
+
+}  // namespace sep_conv
+}  // namespace lowrank
