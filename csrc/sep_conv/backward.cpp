@@ -29,8 +29,10 @@
 
 #include "micro_gemm.h"
 #include "pixel_layout.h"
+#include "workspace.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 namespace lowrank {
@@ -62,9 +64,10 @@ struct BackwardKernel {
   // Row-major weight matrices per (group, tap): wv_ck (Cg x Kg) [c][k] = wv[k][c][i] (stage 1's B,
   // and grad_input's A in NCHW); wv_kc (Kg x Cg) (grad_input's B in channels_last); wh_kn
   // (Kg x Ng) [k][n] = wh[n][k][j] (dT's A).
-  std::vector<Op> wv_ck, wv_kc, wh_kn;
-  int64_t Wp, Wv, guard, gp, n_slots;
-  std::vector<Acc> acc;  // n_slots x (wv_numel + wh_numel), layout [g][tap][rows][cols]
+  Op *wv_ck, *wv_kc, *wh_kn;
+  int64_t Wp, Wv, guard, n_slots = 1;
+  Acc* acc;  // n_slots x (wv_numel + wh_numel), layout [g][tap][rows][cols]
+  std::unique_ptr<Scratch> call_scratch;
 
   BackwardKernel(const SepConvShape& shape, const In* gy_, const In* x_, const In* wv, const In* wh, Acc* gx_,
                  bool need_wv_, bool need_wh_)
@@ -73,9 +76,20 @@ struct BackwardKernel {
     Wp = Wv * s.stride_h;
     guard = (s.dh - 1) * s.dil_h;
     const int64_t vblk = s.cg * s.kg, hblk = s.kg * s.ng;
-    wv_ck.resize(s.groups * s.dv * vblk);
-    wv_kc.resize(s.groups * s.dv * vblk);
-    wh_kn.resize(s.groups * s.dh * hblk);
+    // At most n_slots accumulators (each thread number of run() indexes one).
+    const int64_t per_slot = wv_numel() + wh_numel();
+    if (!at::in_parallel_region()) n_slots = std::max<int64_t>(1, at::get_num_threads());
+    if (per_slot > 0)
+      n_slots = std::max<int64_t>(1, std::min(n_slots, kAccumulatorBytes / (per_slot * int64_t(sizeof(Acc)))));
+    const int64_t nv = s.groups * s.dv * vblk, nh = s.groups * s.dh * hblk;
+    call_scratch = std::make_unique<Scratch>(
+        Scratch::kCall, 2 * Scratch::bytes_for<Op>(nv) + Scratch::bytes_for<Op>(nh) +
+                            Scratch::bytes_for<Acc>(n_slots * per_slot));
+    wv_ck = call_scratch->take<Op>(nv);
+    wv_kc = call_scratch->take<Op>(nv);
+    wh_kn = call_scratch->take<Op>(nh);
+    acc = call_scratch->take<Acc>(n_slots * per_slot);
+    std::fill_n(acc, n_slots * per_slot, Acc(0));
     for (int64_t g = 0; g < s.groups; ++g) {
       for (int64_t i = 0; i < s.dv; ++i)
         for (int64_t k = 0; k < s.kg; ++k)
@@ -102,10 +116,6 @@ struct BackwardKernel {
     const Tiling tiling = choose_tiling(s, row_bytes, 2);
     const int64_t per_slot = wv_numel() + wh_numel();
     const bool nested = at::in_parallel_region();
-    n_slots = nested ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    if (per_slot > 0)
-      n_slots = std::max<int64_t>(1, std::min(n_slots, kAccumulatorBytes / (per_slot * int64_t(sizeof(Acc)))));
-    acc.assign(n_slots * per_slot, Acc(0));
     const int64_t half = (tiling.per_image + 1) / 2, n_items = s.batch * s.groups * half;
     // At most n_slots chunks, so thread numbers index the accumulators.
     const int64_t grain = std::max<int64_t>(1, (n_items + n_slots - 1) / n_slots);
@@ -114,7 +124,7 @@ struct BackwardKernel {
         const int64_t slot = nested ? 0 : at::get_thread_num();
         TORCH_INTERNAL_ASSERT(slot < n_slots, "sep_conv backward: more chunks than accumulators");
         Buffers buf(*this, tiling.max_rows);
-        Acc* my_acc = acc.data() + slot * per_slot;
+        Acc* my_acc = acc + slot * per_slot;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t image = item / half, tt = 2 * (item % half) + parity;
           if (tt >= tiling.per_image) continue;
@@ -125,21 +135,41 @@ struct BackwardKernel {
     }
   }
 
+  // A worker thread's tile buffers (kept per thread between calls, see workspace.h).
   struct Buffers {
-    std::vector<Op> xbuf, tpad, gcm, dtu, dtu_pm;
-    std::vector<Acc> tacc, dtcm;
-    Buffers(const BackwardKernel& k, int64_t max_rows) {
+    Scratch scratch;
+    Op *xbuf = nullptr, *tpad = nullptr, *gcm, *dtu, *dtu_pm = nullptr;
+    Acc *tacc = nullptr, *dtcm;
+    static int64_t counts(const BackwardKernel& k, int64_t max_rows, int64_t (&n)[7]) {
       const SepConvShape& s = k.s;
       const int64_t P = max_rows * k.Wp;
-      xbuf.resize(k.input_rows(max_rows) * s.width * s.cg);
-      if (k.need_wh) {
-        tacc.resize(max_rows * s.width * s.kg);
-        tpad.resize(P * s.kg);
-      }
-      gcm.resize(s.ng * (k.guard + P));
-      dtcm.resize(s.kg * P);
-      dtu.resize(s.kg * max_rows * s.width);
-      if (CL && k.gx) dtu_pm.resize(max_rows * s.width * s.kg);
+      n[0] = k.input_rows(max_rows) * s.width * s.cg;                 // xbuf
+      n[1] = k.need_wh ? max_rows * s.width * s.kg : 0;                // tacc
+      n[2] = k.need_wh ? P * s.kg : 0;                                 // tpad
+      n[3] = s.ng * (k.guard + P);                                     // gcm
+      n[4] = s.kg * P;                                                 // dtcm
+      n[5] = s.kg * max_rows * s.width;                                // dtu
+      n[6] = (CL && k.gx) ? max_rows * s.width * s.kg : 0;             // dtu_pm
+      return 0;
+    }
+    static size_t bytes(const BackwardKernel& k, int64_t max_rows) {
+      int64_t n[7];
+      counts(k, max_rows, n);
+      return Scratch::bytes_for<Op>(n[0]) + Scratch::bytes_for<Acc>(n[1]) + Scratch::bytes_for<Op>(n[2]) +
+             Scratch::bytes_for<Op>(n[3]) + Scratch::bytes_for<Acc>(n[4]) + Scratch::bytes_for<Op>(n[5]) +
+             Scratch::bytes_for<Op>(n[6]);
+    }
+    Buffers(const BackwardKernel& k, int64_t max_rows) : scratch(Scratch::kTile, bytes(k, max_rows)) {
+      int64_t n[7];
+      counts(k, max_rows, n);
+      xbuf = scratch.take<Op>(n[0]);
+      tacc = scratch.take<Acc>(n[1]);
+      tpad = scratch.take<Op>(n[2]);
+      gcm = scratch.take<Op>(n[3]);
+      dtcm = scratch.take<Acc>(n[4]);
+      dtu = scratch.take<Op>(n[5]);
+      dtu_pm = scratch.take<Op>(n[6]);
+      std::fill_n(tpad, n[2], Op(0));  // pad columns stay zero
     }
   };
 
@@ -157,14 +187,14 @@ struct BackwardKernel {
         xr = reinterpret_cast<const Op*>(xb) + top * W * s.in_channels + g * s.cg;
         ld = s.in_channels;
       } else {
-        load_pixel_rows<In, Op, CL>(xb, s.in_channels, H, W, g * s.cg, s.cg, top, nin, buf.xbuf.data());
-        xr = buf.xbuf.data();
+        load_pixel_rows<In, Op, CL>(xb, s.in_channels, H, W, g * s.cg, s.cg, top, nin, buf.xbuf);
+        xr = buf.xbuf;
         ld = s.cg;
       }
     }
     // G: grad_out rows, channel-major, at the intermediate's pixel positions.
     const In* gob = gy + b * s.out_channels * Ho * Wo;
-    Op* gcm = buf.gcm.data();
+    Op* gcm = buf.gcm;
     std::fill_n(gcm, s.ng * gld, Op(0));
     for (int64_t n = 0; n < s.ng; ++n) {
       Op* d = gcm + n * gld + guard;
@@ -177,11 +207,11 @@ struct BackwardKernel {
     }
     if (need_wh) {
       // T (recomputed as in the forward) and grad_weight_h.
-      Acc* tacc = buf.tacc.data();
-      Op* tpad = buf.tpad.data();
+      Acc* tacc = buf.tacc;
+      Op* tpad = buf.tpad;
       for (int64_t i = 0; i < s.dv; ++i) {
         const Op* xi = xr + i * s.dil_v * W * ld;
-        const Op* wb = wv_ck.data() + (g * s.dv + i) * vblk;
+        const Op* wb = wv_ck + (g * s.dv + i) * vblk;
         if (s.stride_v == 1) {
           gemm_rowmajor_b<Op>(pw, s.kg, s.cg, xi, ld, wb, s.kg, tacc, s.kg, i > 0);
         } else {
@@ -199,11 +229,11 @@ struct BackwardKernel {
     }
     if (!need_wv && !gx) return;
     // dT = sum_j Wh_j^T G(shifted), then its interior columns rounded into dtu.
-    Acc* dtcm = buf.dtcm.data();
+    Acc* dtcm = buf.dtcm;
     for (int64_t j = 0; j < s.dh; ++j)
-      gemm_rowmajor_b<Op>(s.kg, P, s.ng, wh_kn.data() + (g * s.dh + j) * hblk, s.ng, gcm + guard - j * s.dil_h, gld,
+      gemm_rowmajor_b<Op>(s.kg, P, s.ng, wh_kn + (g * s.dh + j) * hblk, s.ng, gcm + guard - j * s.dil_h, gld,
                           dtcm, P, j > 0);
-    Op* dtu = buf.dtu.data();
+    Op* dtu = buf.dtu;
     for (int64_t k = 0; k < s.kg; ++k)
       for (int64_t rr = 0; rr < rows; ++rr)
         round_rows<In, Op>(dtcm + k * P + rr * Wp + s.pad_h, W, dtu + k * pw + rr * W);
@@ -224,7 +254,7 @@ struct BackwardKernel {
     Acc* gxb = gx + b * s.in_channels * H * W;
     const Op* dpm = nullptr;
     if (CL) {  // dtu^T, pixel-major
-      Op* d = buf.dtu_pm.data();
+      Op* d = buf.dtu_pm;
       for (int64_t k = 0; k < s.kg; ++k)
         for (int64_t p = 0; p < pw; ++p) d[p * s.kg + k] = dtu[k * pw + p];
       dpm = d;
@@ -236,10 +266,10 @@ struct BackwardKernel {
       for (int64_t q = 0; q < runs; ++q) {
         const int64_t r = vb + q, rr = r - r0, h = r * s.stride_v - s.pad_v + i * s.dil_v, npix = run_rows * W;
         if (CL) {
-          gemm_rowmajor_b<Op>(npix, s.cg, s.kg, dpm + rr * W * s.kg, s.kg, wv_kc.data() + (g * s.dv + i) * vblk, s.cg,
+          gemm_rowmajor_b<Op>(npix, s.cg, s.kg, dpm + rr * W * s.kg, s.kg, wv_kc + (g * s.dv + i) * vblk, s.cg,
                               gxb + h * W * s.in_channels + g * s.cg, s.in_channels, true);
         } else {
-          gemm_rowmajor_b<Op>(s.cg, npix, s.kg, wv_ck.data() + (g * s.dv + i) * vblk, s.kg, dtu + rr * W, pw,
+          gemm_rowmajor_b<Op>(s.cg, npix, s.kg, wv_ck + (g * s.dv + i) * vblk, s.kg, dtu + rr * W, pw,
                               gxb + (g * s.cg * H + h) * W, H * W, true);
         }
       }

@@ -25,6 +25,7 @@
 
 #include "micro_gemm.h"
 #include "pixel_layout.h"
+#include "workspace.h"
 
 #include <algorithm>
 #include <vector>
@@ -41,34 +42,45 @@ struct ForwardKernel {
   const SepConvShape& s;
   const In* x;
   In* y;
-  std::vector<Op> wvp, whp;  // packed B operands per (group, tap)
-  std::vector<Acc> bias;     // N values (zeros without bias)
+  const Op* wvp;          // packed B operands per (group, tap)
+  const Op* whp;
+  std::vector<Acc> bias;  // N values (zeros without bias)
   int64_t wv_block, wh_block;
-  int64_t Wp, Wv, nin_max;
+  int64_t Wp, Wv;
 
-  ForwardKernel(const SepConvShape& shape, const In* x_, const In* wv, const In* wh, const In* b, In* y_)
-      : s(shape), x(x_), y(y_) {
+  ForwardKernel(const SepConvShape& shape, const In* x_, In* y_) : s(shape), x(x_), y(y_) {
     Wv = (s.width + 2 * s.pad_h + s.stride_h - 1) / s.stride_h;
     Wp = Wv * s.stride_h;
-    // Weight B operands: stage 1 tap i of group g is (Cg x Kg), B[c][k] = wv[g*Kg + k][c][i];
-    // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j].
     wv_block = packed_b_size<Op>(s.cg, s.kg);
     wh_block = packed_b_size<Op>(s.kg, s.ng);
-    wvp.resize(s.groups * s.dv * wv_block);
-    whp.resize(s.groups * s.dh * wh_block);
-    std::vector<Op> tmp(std::max(s.cg * s.kg, s.kg * s.ng));
-    for (int64_t g = 0; g < s.groups; ++g) {
-      for (int64_t i = 0; i < s.dv; ++i) {
-        for (int64_t c = 0; c < s.cg; ++c)
-          for (int64_t k = 0; k < s.kg; ++k) tmp[c * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
-        pack_b<Op>(s.cg, s.kg, tmp.data(), s.kg, wvp.data() + (g * s.dv + i) * wv_block);
+  }
+  int64_t packed_elems() const { return s.groups * (s.dv * wv_block + s.dh * wh_block); }
+
+  // Weight B operands: stage 1 tap i of group g is (Cg x Kg), B[c][k] = wv[g*Kg + k][c][i];
+  // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j]. One task per (group, tap).
+  void pack_weights(const In* wv, const In* wh, const In* b, Op* packed) {
+    Op* pv = packed;
+    Op* ph = packed + s.groups * s.dv * wv_block;
+    const int64_t per_group = s.dv + s.dh;
+    at::parallel_for(0, s.groups * per_group, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Op> tmp(std::max(s.cg * s.kg, s.kg * s.ng));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / per_group, tap = task % per_group;
+        if (tap < s.dv) {
+          const int64_t i = tap;
+          for (int64_t c = 0; c < s.cg; ++c)
+            for (int64_t k = 0; k < s.kg; ++k) tmp[c * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
+          pack_b<Op>(s.cg, s.kg, tmp.data(), s.kg, pv + (g * s.dv + i) * wv_block);
+        } else {
+          const int64_t j = tap - s.dv;
+          for (int64_t k = 0; k < s.kg; ++k)
+            for (int64_t n = 0; n < s.ng; ++n) tmp[k * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
+          pack_b<Op>(s.kg, s.ng, tmp.data(), s.ng, ph + (g * s.dh + j) * wh_block);
+        }
       }
-      for (int64_t j = 0; j < s.dh; ++j) {
-        for (int64_t k = 0; k < s.kg; ++k)
-          for (int64_t n = 0; n < s.ng; ++n) tmp[k * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
-        pack_b<Op>(s.kg, s.ng, tmp.data(), s.ng, whp.data() + (g * s.dh + j) * wh_block);
-      }
-    }
+    });
+    wvp = pv;
+    whp = ph;
     bias.assign(s.out_channels, Acc(0));
     if (b)
       for (int64_t n = 0; n < s.out_channels; ++n) bias[n] = Acc(b[n]);
@@ -86,14 +98,23 @@ struct ForwardKernel {
     const int64_t n_tiles = s.batch * s.groups * tiling.per_image;
     at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
       const int64_t max_rows = tiling.max_rows;
-      std::vector<Op> xbuf(input_rows(max_rows) * s.width * s.cg);
-      std::vector<Acc> tacc(max_rows * s.width * s.kg);
-      std::vector<Op> tpad(max_rows * Wp * s.kg);  // zero: the pad columns are never written
-      std::vector<Acc> cbuf(max_rows * Wv * s.ng);
+      const int64_t nx = input_rows(max_rows) * s.width * s.cg, nt = max_rows * s.width * s.kg;
+      const int64_t np = max_rows * Wp * s.kg, nc = max_rows * Wv * s.ng;
+      Scratch scratch(Scratch::kTile, Scratch::bytes_for<Op>(nx) + Scratch::bytes_for<Acc>(nt) +
+                                          Scratch::bytes_for<Op>(np) + Scratch::bytes_for<Acc>(nc));
+      Op* xbuf = scratch.take<Op>(nx);
+      Acc* tacc = scratch.take<Acc>(nt);
+      Op* tpad = scratch.take<Op>(np);
+      Acc* cbuf = scratch.take<Acc>(nc);
+      // The pad columns of tpad are never written by the tiles: zero them once.
+      for (int64_t rr = 0; rr < max_rows; ++rr) {
+        std::fill_n(tpad + rr * Wp * s.kg, s.pad_h * s.kg, Op(0));
+        std::fill_n(tpad + (rr * Wp + s.pad_h + s.width) * s.kg, (Wp - s.pad_h - s.width) * s.kg, Op(0));
+      }
       for (int64_t tile = begin; tile < end; ++tile) {
         const Tiling::Location at = tiling.locate(tile, s.groups);
         const int64_t r0 = tiling.begin(at.tt, s.out_height), r1 = tiling.begin(at.tt + 1, s.out_height);
-        run_tile(at.b, at.g, r0, r1 - r0, xbuf.data(), tacc.data(), tpad.data(), cbuf.data());
+        run_tile(at.b, at.g, r0, r1 - r0, xbuf, tacc, tpad, cbuf);
       }
       release<Op>();
     });
@@ -114,7 +135,7 @@ struct ForwardKernel {
       xr = xbuf;
       ld = s.cg;
     }
-    const Op* wv = wvp.data() + g * s.dv * wv_block;
+    const Op* wv = wvp + g * s.dv * wv_block;
     for (int64_t i = 0; i < s.dv; ++i) {
       const Op* xi = xr + i * s.dil_v * W * ld;
       if (s.stride_v == 1) {
@@ -129,7 +150,7 @@ struct ForwardKernel {
     for (int64_t rr = 0; rr < rows; ++rr)
       round_rows<In, Op>(tacc + rr * W * s.kg, W * s.kg, tpad + (rr * Wp + s.pad_h) * s.kg);
     // 3. Stage 2.
-    const Op* wh = whp.data() + g * s.dh * wh_block;
+    const Op* wh = whp + g * s.dh * wh_block;
     const int64_t m = (rows - 1) * Wv + Wo;
     for (int64_t j = 0; j < s.dh; ++j)
       gemm<Op>(m, s.ng, s.kg, tpad + j * s.dil_h * s.kg, s.stride_h * s.kg, wh + j * wh_block, cbuf, s.ng, j > 0);
@@ -145,16 +166,23 @@ struct ForwardKernel {
   }
 };
 
+template <typename In, typename Op, bool CL>
+void run_forward_layout(const SepConvShape& s, const Tensor& x, const Tensor& wv, const Tensor& wh, const Tensor& b,
+                        Tensor& y) {
+  ForwardKernel<In, Op, CL> k(s, x.data_ptr<In>(), y.data_ptr<In>());
+  Scratch scratch(Scratch::kCall, Scratch::bytes_for<Op>(k.packed_elems()));
+  k.pack_weights(wv.data_ptr<In>(), wh.data_ptr<In>(), b.defined() ? b.data_ptr<In>() : nullptr,
+                 scratch.take<Op>(k.packed_elems()));
+  k.run();
+}
+
 template <typename In, typename Op>
 void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& wv, const Tensor& wh,
                  const Tensor& b, Tensor& y) {
-  const In* bp = b.defined() ? b.data_ptr<In>() : nullptr;
-  if (cl) {
-    ForwardKernel<In, Op, true>(s, x.data_ptr<In>(), wv.data_ptr<In>(), wh.data_ptr<In>(), bp, y.data_ptr<In>()).run();
-  } else {
-    ForwardKernel<In, Op, false>(s, x.data_ptr<In>(), wv.data_ptr<In>(), wh.data_ptr<In>(), bp, y.data_ptr<In>())
-        .run();
-  }
+  if (cl)
+    run_forward_layout<In, Op, true>(s, x, wv, wh, b, y);
+  else
+    run_forward_layout<In, Op, false>(s, x, wv, wh, b, y);
 }
 
 }  // namespace
