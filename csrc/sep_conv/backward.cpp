@@ -90,19 +90,28 @@ struct BackwardKernel {
     wh_kn = call_scratch->take<Op>(nh);
     acc = call_scratch->take<Acc>(n_slots * per_slot);
     std::fill_n(acc, n_slots * per_slot, Acc(0));
-    for (int64_t g = 0; g < s.groups; ++g) {
-      for (int64_t i = 0; i < s.dv; ++i)
-        for (int64_t k = 0; k < s.kg; ++k)
-          for (int64_t c = 0; c < s.cg; ++c) {
-            const Op v = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
-            wv_ck[(g * s.dv + i) * vblk + c * s.kg + k] = v;
-            wv_kc[(g * s.dv + i) * vblk + k * s.cg + c] = v;
-          }
-      for (int64_t j = 0; j < s.dh; ++j)
-        for (int64_t n = 0; n < s.ng; ++n)
-          for (int64_t k = 0; k < s.kg; ++k)
-            wh_kn[(g * s.dh + j) * hblk + k * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
-    }
+    // Weights read in order; the scattered writes of 16 rows at a time stay in L1.
+    const int64_t kblocks = (s.kg + 15) / 16, nblocks = (s.ng + 15) / 16;
+    at::parallel_for(0, s.groups * (kblocks + nblocks), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / (kblocks + nblocks), blk = task % (kblocks + nblocks);
+        if (blk < kblocks) {
+          for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
+            for (int64_t c = 0; c < s.cg; ++c)
+              for (int64_t i = 0; i < s.dv; ++i) {
+                const Op v = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
+                wv_ck[(g * s.dv + i) * vblk + c * s.kg + k] = v;
+                wv_kc[(g * s.dv + i) * vblk + k * s.cg + c] = v;
+              }
+        } else {
+          const int64_t n0 = (blk - kblocks) * 16;
+          for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
+            for (int64_t k = 0; k < s.kg; ++k)
+              for (int64_t j = 0; j < s.dh; ++j)
+                wh_kn[(g * s.dh + j) * hblk + k * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
+        }
+      }
+    });
   }
 
   int64_t wv_numel() const { return need_wv ? s.groups * s.dv * s.kg * s.cg : 0; }

@@ -9,6 +9,7 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace lowrank {
@@ -92,11 +93,17 @@ SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const T
 }
 
 Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes, int64_t at_least) {
-  // LOWRANK_TILE_KB overrides the budget (for tuning on other CPUs; read once).
+  // The budget is the per-core L2 size (512 KiB if unknown); LOWRANK_TILE_KB overrides it
+  // (for tuning; read once).
   static const int64_t budget = [] {
     const char* env = std::getenv("LOWRANK_TILE_KB");
     const int64_t kb = env ? std::atoll(env) : 0;
-    return (kb > 0 ? kb : 512) * 1024;
+    if (kb > 0) return kb * 1024;
+    int64_t l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return l2 >= (int64_t(128) << 10) && l2 <= (int64_t(64) << 20) ? l2 : int64_t(512) << 10;
   }();
   const int64_t H = s.out_height;
   const int64_t threads = at::get_num_threads(), images = s.batch * s.groups;

@@ -57,28 +57,46 @@ struct ForwardKernel {
   int64_t packed_elems() const { return s.groups * (s.dv * wv_block + s.dh * wh_block); }
 
   // Weight B operands: stage 1 tap i of group g is (Cg x Kg), B[c][k] = wv[g*Kg + k][c][i];
-  // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j]. One task per (group, tap).
+  // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j]. Written row-major (the weights
+  // read in order, the scattered writes of a block of 16 output columns staying in L1), then
+  // packed where the 16-bit kernels need it.
   void pack_weights(const In* wv, const In* wh, const In* b, Op* packed) {
     Op* pv = packed;
     Op* ph = packed + s.groups * s.dv * wv_block;
-    const int64_t per_group = s.dv + s.dh;
-    at::parallel_for(0, s.groups * per_group, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Op> tmp(std::max(s.cg * s.kg, s.kg * s.ng));
+    constexpr bool plain = !is_16bit<Op>();  // packed form == row-major
+    std::vector<Op> rowmajor(plain ? 0 : s.groups * (s.dv * s.cg * s.kg + s.dh * s.kg * s.ng));
+    Op* rv = plain ? pv : rowmajor.data();
+    Op* rh = plain ? ph : rowmajor.data() + s.groups * s.dv * s.cg * s.kg;
+    const int64_t kblocks = (s.kg + 15) / 16, nblocks = (s.ng + 15) / 16;
+    at::parallel_for(0, s.groups * (kblocks + nblocks), 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / per_group, tap = task % per_group;
-        if (tap < s.dv) {
-          const int64_t i = tap;
-          for (int64_t c = 0; c < s.cg; ++c)
-            for (int64_t k = 0; k < s.kg; ++k) tmp[c * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
-          pack_b<Op>(s.cg, s.kg, tmp.data(), s.kg, pv + (g * s.dv + i) * wv_block);
+        const int64_t g = task / (kblocks + nblocks), blk = task % (kblocks + nblocks);
+        if (blk < kblocks) {
+          for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
+            for (int64_t c = 0; c < s.cg; ++c)
+              for (int64_t i = 0; i < s.dv; ++i)
+                rv[((g * s.dv + i) * s.cg + c) * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
         } else {
-          const int64_t j = tap - s.dv;
-          for (int64_t k = 0; k < s.kg; ++k)
-            for (int64_t n = 0; n < s.ng; ++n) tmp[k * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
-          pack_b<Op>(s.kg, s.ng, tmp.data(), s.ng, ph + (g * s.dh + j) * wh_block);
+          const int64_t n0 = (blk - kblocks) * 16;
+          for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
+            for (int64_t k = 0; k < s.kg; ++k)
+              for (int64_t j = 0; j < s.dh; ++j)
+                rh[((g * s.dh + j) * s.kg + k) * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
         }
       }
     });
+    if constexpr (!plain) {
+      at::parallel_for(0, s.groups * (s.dv + s.dh), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t g = task / (s.dv + s.dh), tap = task % (s.dv + s.dh);
+          if (tap < s.dv)
+            pack_b<Op>(s.cg, s.kg, rv + (g * s.dv + tap) * s.cg * s.kg, s.kg, pv + (g * s.dv + tap) * wv_block);
+          else
+            pack_b<Op>(s.kg, s.ng, rh + (g * s.dh + tap - s.dv) * s.kg * s.ng, s.ng,
+                       ph + (g * s.dh + tap - s.dv) * wh_block);
+        }
+      });
+    }
     wvp = pv;
     whp = ph;
     bias.assign(s.out_channels, Acc(0));

@@ -49,9 +49,11 @@ struct Tiling {
   }
 };
 
-// Per-thread buffers of about `budget` bytes. 512 KiB (this machine's L2) measured best on
-// VGG-16: 256 KiB gives tiles of 2-3 rows on 14x14/28x28 layers, and GEMMs that narrow lose
-// 10-30%; the buffers are streamed once per stage, so spilling part of them to L3 costs less.
+// Per-thread buffers of about `budget` bytes: the per-core L2 size (LOWRANK_TILE_KB overrides it).
+// Taller tiles re-read the weights (streamed once per tile and stage) for more pixels; on VGG-16
+// a budget of half the L2 or less gave tiles of 2-3 rows on 14x14/28x28 layers and lost
+// 5-30% to the weight traffic, while the tile buffers are streamed once per stage and spill
+// to L3 cheaply.
 // `passes` = 2 in the backward, whose grad_input scatter runs
 // even and odd tiles in separate passes: there a tile must be at least as tall as the
 // vertical halo so that tiles two apart never touch the same input rows.
