@@ -42,16 +42,6 @@ namespace {
 // Upper bound on the memory of all per-thread weight-gradient accumulators of one call.
 constexpr int64_t kAccumulatorBytes = int64_t(64) << 20;
 
-// Output rows r in [r0, r1) whose vertical tap i reads an input row inside [0, H).
-std::pair<int64_t, int64_t> valid_rows(const SepConvShape& s, int64_t i, int64_t r0, int64_t r1) {
-  const int64_t lo_num = s.pad_v - i * s.dil_v;                 // r*sv >= lo_num
-  const int64_t hi_num = s.height - 1 + s.pad_v - i * s.dil_v;  // r*sv <= hi_num
-  const int64_t lo = lo_num <= 0 ? 0 : (lo_num + s.stride_v - 1) / s.stride_v;
-  const int64_t hi = hi_num < 0 ? 0 : hi_num / s.stride_v + 1;
-  const int64_t b = std::max(r0, lo), e = std::min(r1, hi);
-  return {b, std::max(b, e)};
-}
-
 // In: tensor dtype; Op: operand type (float for float and 16-bit data, double for double).
 template <typename In, typename Op, bool CL>
 struct BackwardKernel {

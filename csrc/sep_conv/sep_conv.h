@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace lowrank {
 namespace sep_conv {
@@ -59,6 +60,16 @@ struct Tiling {
 // vertical halo so that tiles two apart never touch the same input rows.
 // `at_least` rows per tile overrides the budget, as long as that still leaves a tile per thread.
 Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passes, int64_t at_least = 1);
+
+// Output rows r in [r0, r1) whose vertical tap i reads an input row inside [0, H): [first, second).
+inline std::pair<int64_t, int64_t> valid_rows(const SepConvShape& s, int64_t i, int64_t r0, int64_t r1) {
+  const int64_t lo_num = s.pad_v - i * s.dil_v;                 // r*sv >= lo_num
+  const int64_t hi_num = s.height - 1 + s.pad_v - i * s.dil_v;  // r*sv <= hi_num
+  const int64_t lo = lo_num <= 0 ? 0 : (lo_num + s.stride_v - 1) / s.stride_v;
+  const int64_t hi = hi_num < 0 ? 0 : hi_num / s.stride_v + 1;
+  const int64_t b = r0 > lo ? r0 : lo, e = r1 < hi ? r1 : hi;
+  return {b, e > b ? e : b};
+}
 
 // An empty tensor for a large result (see checks_and_tiling.cpp for LOWRANK_HUGE_PAGES).
 Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options);
