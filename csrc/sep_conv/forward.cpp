@@ -58,7 +58,7 @@ struct ForwardKernel {
 
   // Weight B operands: stage 1 tap i of group g is (Cg x Kg), B[c][k] = wv[g*Kg + k][c][i];
   // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j]. Written row-major (the weights
-  // read in order, the scattered writes of a block of 16 output columns staying in L1), then
+  // read in order, in 16 x 32 blocks whose scattered writes stay in L1), then
   // packed where the 16-bit kernels need it.
   void pack_weights(const In* wv, const In* wh, const In* b, Op* packed) {
     Op* pv = packed;
@@ -72,16 +72,18 @@ struct ForwardKernel {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t g = task / (kblocks + nblocks), blk = task % (kblocks + nblocks);
         if (blk < kblocks) {
-          for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
-            for (int64_t c = 0; c < s.cg; ++c)
-              for (int64_t i = 0; i < s.dv; ++i)
-                rv[((g * s.dv + i) * s.cg + c) * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
+          for (int64_t c0 = 0; c0 < s.cg; c0 += 32)
+            for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
+              for (int64_t c = c0; c < std::min(s.cg, c0 + 32); ++c)
+                for (int64_t i = 0; i < s.dv; ++i)
+                  rv[((g * s.dv + i) * s.cg + c) * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
         } else {
           const int64_t n0 = (blk - kblocks) * 16;
-          for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
-            for (int64_t k = 0; k < s.kg; ++k)
-              for (int64_t j = 0; j < s.dh; ++j)
-                rh[((g * s.dh + j) * s.kg + k) * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
+          for (int64_t k0 = 0; k0 < s.kg; k0 += 32)
+            for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
+              for (int64_t k = k0; k < std::min(s.kg, k0 + 32); ++k)
+                for (int64_t j = 0; j < s.dh; ++j)
+                  rh[((g * s.dh + j) * s.kg + k) * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
         }
       }
     });
