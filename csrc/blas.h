@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+
+#include <c10/util/Exception.h>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
@@ -26,6 +29,13 @@ inline void fortran_gemm(char ta, char tb, int m, int n, int k, double alpha, co
   dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
+// BLAS dimensions are 32-bit: a larger one is an error, never a silent wrap.
+inline int checked_int(int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "lowrank: a BLAS dimension of ", v,
+              " exceeds the 32-bit range BLAS accepts; use smaller inputs");
+  return static_cast<int>(v);
+}
+
 // Row-major C(MxN) = alpha op(A)(MxK) op(B)(KxN) + beta C. BLAS is column-major, so this
 // computes C^T = op(B)^T op(A)^T. BLAS wants leading dimensions >= 1.
 template <typename T>
@@ -37,9 +47,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
-  fortran_gemm(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m),
-               static_cast<int>(k), alpha, b, static_cast<int>(std::max<int64_t>(ldb, 1)), a,
-               static_cast<int>(std::max<int64_t>(lda, 1)), beta, c, static_cast<int>(std::max<int64_t>(ldc, 1)));
+  fortran_gemm(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', checked_int(n), checked_int(m), checked_int(k), alpha, b,
+               checked_int(std::max<int64_t>(ldb, 1)), a, checked_int(std::max<int64_t>(lda, 1)), beta, c,
+               checked_int(std::max<int64_t>(ldc, 1)));
 }
 
 // The same with alpha = 1.

@@ -1,6 +1,6 @@
 """sep_conv: fused separable low-rank convolution (d x 1 conv C -> K, then 1 x d conv K -> N).
 
-The schema and CPU kernels live in csrc/sep_conv.cpp; this file adds the Python entry
+The schema and CPU kernels live in csrc/sep_conv/; this file adds the Python entry
 point, the fake (meta) kernels used by torch.compile/torch.export, and autograd.
 The CUDA kernels are Triton (lowrank_kernels/triton/sep_conv_kernels.py), registered at the end
 of this file like every op family's."""
