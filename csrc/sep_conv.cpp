@@ -15,6 +15,7 @@
 
 #include "blas.h"
 #include "sep_conv_avx2.h"
+#include "sep_conv_depthwise.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -974,6 +975,8 @@ Tensor sep_conv_cpu(const Tensor& input, const Tensor& weight_v, const Tensor& w
                     const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, int64_t groups) {
   const SepConvShape s = check_sep_conv(input, weight_v, weight_h, bias, stride, padding, dilation, groups);
+  if (sep_conv_is_depthwise(input, weight_v, weight_h, groups))  // sep_conv_depthwise.cpp
+    return sep_conv_depthwise_forward(input, weight_v, weight_h, bias, stride, padding, dilation);
   const auto memory_format = input.suggest_memory_format();
   const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
   const auto ct = compute_dtype(input.scalar_type());
@@ -1014,6 +1017,8 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
                         grad_out.size(2) == s.out_height && grad_out.size(3) == s.out_width,
                     "sep_conv_backward: grad_out has shape ", grad_out.sizes(), ", expected [", s.batch, ", ",
                     s.out_channels, ", ", s.out_height, ", ", s.out_width, "]");
+  if (sep_conv_is_depthwise(input, weight_v, weight_h, groups))  // sep_conv_depthwise.cpp
+    return sep_conv_depthwise_backward(grad_out, input, weight_v, weight_h, stride, padding, dilation, output_mask);
   const auto ct = compute_dtype(input.scalar_type());
   const auto memory_format = input.suggest_memory_format();
   const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
