@@ -7,7 +7,7 @@
 // each side, so the horizontal taps read it without bounds checks.
 //
 // Forward: channels_last works on one output row (b, i) at a time, all channels at once (the
-// innermost loops run over contiguous channels); NCHW works on one (b, c) plane at a time, the
+// innermost loops run over contiguous channels, up to three taps per loop); NCHW works on one (b, c) plane at a time, the
 // innermost loops over contiguous columns. Backward: every thread owns a block of channels (all
 // batches and rows of them), so the input gradient can be accumulated in place and the weight
 // gradients need no reduction across threads. 16-bit inputs compute in float32.
@@ -58,6 +58,54 @@ at::ScalarType compute_type(at::ScalarType t) { return (t == at::kHalf || t == a
 
 // ---------------------------------------------------------------------------- forward
 
+// out[c] = (init ? init[c] : 0) + sum_k w[k][c] src[k][c] for c < n. Up to three taps per pass,
+// each pass one loop over contiguous channels, so out is loaded and stored once per three taps
+// and every loop vectorizes.
+template <typename T>
+inline void weighted_sum(T* __restrict out, const T* __restrict init, const T* const* src, const T* const* w,
+                         int64_t m, int64_t n) {
+  int64_t k = 0;
+  if (m >= 3) {
+    const T *__restrict s0 = src[0], *__restrict s1 = src[1], *__restrict s2 = src[2];
+    const T *__restrict w0 = w[0], *__restrict w1 = w[1], *__restrict w2 = w[2];
+    if (init) {
+      for (int64_t c = 0; c < n; ++c) out[c] = init[c] + w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c];
+    } else {
+      for (int64_t c = 0; c < n; ++c) out[c] = w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c];
+    }
+    k = 3;
+  } else if (m == 2) {
+    const T *__restrict s0 = src[0], *__restrict s1 = src[1], *__restrict w0 = w[0], *__restrict w1 = w[1];
+    if (init) {
+      for (int64_t c = 0; c < n; ++c) out[c] = init[c] + w0[c] * s0[c] + w1[c] * s1[c];
+    } else {
+      for (int64_t c = 0; c < n; ++c) out[c] = w0[c] * s0[c] + w1[c] * s1[c];
+    }
+    k = 2;
+  } else if (m == 1) {
+    const T *__restrict s0 = src[0], *__restrict w0 = w[0];
+    if (init) {
+      for (int64_t c = 0; c < n; ++c) out[c] = init[c] + w0[c] * s0[c];
+    } else {
+      for (int64_t c = 0; c < n; ++c) out[c] = w0[c] * s0[c];
+    }
+    k = 1;
+  } else if (init) {
+    std::copy(init, init + n, out);
+  } else {
+    std::fill(out, out + n, T(0));
+  }
+  for (; k + 2 < m; k += 3) {
+    const T *__restrict s0 = src[k], *__restrict s1 = src[k + 1], *__restrict s2 = src[k + 2];
+    const T *__restrict w0 = w[k], *__restrict w1 = w[k + 1], *__restrict w2 = w[k + 2];
+    for (int64_t c = 0; c < n; ++c) out[c] += w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c];
+  }
+  for (; k < m; ++k) {
+    const T *__restrict s0 = src[k], *__restrict w0 = w[k];
+    for (int64_t c = 0; c < n; ++c) out[c] += w0[c] * s0[c];
+  }
+}
+
 // channels_last: x (B, H, W, C), wvt (dv, C), wht (dh, C), y (B, H', W', C).
 template <typename T>
 void forward_cl(const Dw& s, const T* x, const T* wvt, const T* wht, const T* bias, T* y) {
@@ -65,35 +113,29 @@ void forward_cl(const Dw& s, const T* x, const T* wvt, const T* wht, const T* bi
   at::parallel_for(0, s.B * s.Ho, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(s.wp() * C, T(0));  // the padding columns stay zero
     T* t = buf.data() + s.ph * C;
-    std::vector<int64_t> rows(s.dv);
+    std::vector<const T*> src(std::max(s.dv, s.dh)), wts(std::max(s.dv, s.dh));
+    std::vector<const T*> hw(s.dh), rows(s.dv);
+    for (int64_t e = 0; e < s.dh; ++e) hw[e] = wht + e * C;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.Ho, i = item % s.Ho;
-      for (int64_t a = 0; a < s.dv; ++a) rows[a] = s.row(i, a);
-      // Vertical stage, column by column so the column of t stays in L1 across the taps.
+      // Vertical stage: the taps that fall inside the image, then one pass per column.
+      int64_t m = 0;
+      for (int64_t a = 0; a < s.dv; ++a) {
+        const int64_t r = s.row(i, a);
+        if (r < 0) continue;
+        rows[m] = x + (b * s.H + r) * s.W * C;
+        wts[m] = wvt + a * C;
+        ++m;
+      }
       for (int64_t w = 0; w < s.W; ++w) {
-        T* __restrict tc = t + w * C;
-        std::fill(tc, tc + C, T(0));
-        for (int64_t a = 0; a < s.dv; ++a) {
-          if (rows[a] < 0) continue;
-          const T* __restrict xc = x + ((b * s.H + rows[a]) * s.W + w) * C;
-          const T* __restrict wa = wvt + a * C;
-          for (int64_t c = 0; c < C; ++c) tc[c] += wa[c] * xc[c];
-        }
+        for (int64_t k = 0; k < m; ++k) src[k] = rows[k] + w * C;
+        weighted_sum<T>(t + w * C, nullptr, src.data(), wts.data(), m, C);
       }
       // Horizontal stage.
       T* yr = y + (b * s.Ho + i) * s.Wo * C;
       for (int64_t j = 0; j < s.Wo; ++j) {
-        T* __restrict yc = yr + j * C;
-        if (bias) {
-          std::copy(bias, bias + C, yc);
-        } else {
-          std::fill(yc, yc + C, T(0));
-        }
-        for (int64_t e = 0; e < s.dh; ++e) {
-          const T* __restrict tc = buf.data() + (j * s.sh + e * s.lh) * C;
-          const T* __restrict we = wht + e * C;
-          for (int64_t c = 0; c < C; ++c) yc[c] += we[c] * tc[c];
-        }
+        for (int64_t e = 0; e < s.dh; ++e) src[e] = buf.data() + (j * s.sh + e * s.lh) * C;
+        weighted_sum<T>(yr + j * C, bias, src.data(), hw.data(), s.dh, C);
       }
     }
   });
