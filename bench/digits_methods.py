@@ -1,7 +1,7 @@
 """Per decomposition method: accuracy, MACs and speed of the digits CNN compressed to the same MAC
 reduction, before and after one fine-tuning epoch, measured in one run.
 
-    python bench/digits_methods.py [--reduction 2.0] [--threads 2]
+    python bench/digits_methods.py [--reduction 2.0] [--threads 2] [--methods tai,cp]
 
 Trains the demo's CNN (lowrank_kernels.demos.digits) once, then for every method of
 `compress(method=...)` compresses a copy with `reduction=` (per layer, MACs <= dense / reduction),
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--reduction", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--methods", default="tai,separable_basis,cp,tucker2", help="comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -35,7 +36,7 @@ def main() -> None:
     train(dense, x_train, y_train, epochs=args.epochs, lr=3e-3, progress=False)
     probe = x_test[:64]
     rows = [{"method": "dense", "accuracy": f"{accuracy(dense, x_test, y_test):.4f}"}]
-    for method in ("tai", "separable_basis", "cp", "tucker2"):
+    for method in args.methods.split(","):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             model, report = compress(
