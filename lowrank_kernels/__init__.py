@@ -18,6 +18,7 @@ from .export import to_onnx
 from .householder_product import householder_product
 from .layers import LowRankLinear, SepConv2d
 from .orthogonal import OrthogonalConv2d, orthogonality_loss, orthonormality_loss
+from .schemes import CPConv2d, SeparableBasisConv2d, Tucker2Conv2d, vbmf_rank
 from .sep_conv import sep_conv
 from .svd_input import SVDInput
 
@@ -38,5 +39,9 @@ __all__ = [
     "load_aoti",
     "ops_library_path",
     "cmake_prefix_path",
+    "CPConv2d",
+    "SeparableBasisConv2d",
+    "Tucker2Conv2d",
+    "vbmf_rank",
 ]
 __version__ = "0.1.0"

@@ -19,9 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .benchmark.harness import format_table, save_json
-from .layers import LowRankLinear, SepConv2d, _layer_matrices, _svd64
+from .layers import _layer_matrices, _svd64
+from .methods import METHODS, build_layer, cp_rank_for_energy, effective_method, kept_energy_of, method_spectrum
 from .rank_selection import (
-    LayerSpectrum,
     _check_rule_args,
     macs,
     measure_speedup,
@@ -52,6 +52,7 @@ class LayerReport:
     energy: float  # fraction of squared singular values kept (1.0 when dense)
     rel_error: float | None  # ||y_lowrank - y_dense|| / ||y_dense|| on the probe input
     speedup: float | None  # dense time / low-rank time, measured when asked
+    method: str = "tai"  # the decomposition used (lowrank_kernels.methods); "dense" when left dense
 
 
 @dataclass
@@ -100,6 +101,7 @@ class CompressionReport:
                 "layer": r.name,
                 "shape": r.shape,
                 "rank": "dense" if r.rank is None else f"{r.rank}/{r.full_rank}",
+                "method": r.method,
                 "params": f"{r.params_before}->{r.params_after}",
                 "MMACs": None if r.macs_before is None else f"{mega(r.macs_before)}->{mega(r.macs_after)}",
                 "energy": f"{r.energy:.4f}",
@@ -119,7 +121,7 @@ class CompressionReport:
                 "rel_err": opt(self.model_rel_error, ".2e"),
             }
         )
-        cols = ["layer", "shape", "rank", "params", "MMACs", "energy", "rel_err", "speedup", "decision"]
+        cols = ["layer", "shape", "method", "rank", "params", "MMACs", "energy", "rel_err", "speedup", "decision"]
         return format_table(rows, cols)
 
     def __str__(self) -> str:
@@ -196,6 +198,8 @@ def compress(
     min_speedup: float | None = None,
     speed_rounds: int = 10,
     progress: bool = True,
+    method: str = "tai",
+    max_rel_error: float | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Return a low-rank copy of `model` and a report; `model` itself is not modified.
 
@@ -218,13 +222,31 @@ def compress(
         (`lowrank_kernels.benchmark.harness.time_interleaved`) and report the speedup.
     min_speedup: leave a layer dense unless its measured speedup reaches this (implies measuring);
         with mac_budget, layers made dense this way can push the total over the budget.
+    method: the decomposition of the convolutions (linear layers and 1x1 convs always get a truncated
+        SVD, reported as "tai"): "tai" (`SepConv2d`, Tai et al.), "separable_basis"
+        (`SeparableBasisConv2d`, Jaderberg et al.'s scheme 1; a total rank K is M = K / C basis filters
+        per input channel), "cp" (`CPConv2d`, CP-ALS; needs TensorLy), "tucker2" (`Tucker2Conv2d`; K per
+        group gives R1 = min(K, C), R2 = min(K, N)), or "auto": per layer, every method at the rule's
+        rank, timed on the probe input (needs example_input), the fastest kept among those meeting the
+        accuracy proxy. The proxy is the rule's energy for the energy rule (each method's rank keeps
+        it); otherwise the probe output error, at most `max_rel_error` if given, else at most that of
+        "tai" at the same rule (any error where "tai" would keep the layer dense). With mac_budget,
+        "auto" splits the budget as "tai" would and gives each method its layer's share.
+        See lowrank_kernels/methods.py for each method's energies and MACs.
+    max_rel_error: with method="auto", the largest probe output error a method may have on a layer.
     """
     rule = _check_rule_args(rank, energy, reduction, mac_budget)
     if not isinstance(model, nn.Module):
         raise ValueError(f"compress expects an nn.Module, got {type(model).__name__}")
     if min_speedup is not None and (isinstance(min_speedup, bool) or not min_speedup > 0):
         raise ValueError(f"min_speedup must be a positive number, got {min_speedup!r}")
-    timing = measure_speed or min_speedup is not None
+    if method not in (*METHODS, "auto"):
+        raise ValueError(f"method must be one of {(*METHODS, 'auto')}, got {method!r}")
+    if max_rel_error is not None and (isinstance(max_rel_error, bool) or not max_rel_error >= 0):
+        raise ValueError(f"max_rel_error must be a non-negative number, got {max_rel_error!r}")
+    if method == "auto" and example_input is None:
+        raise ValueError("method='auto' needs example_input (each layer's candidates are timed on its shapes)")
+    timing = measure_speed or min_speedup is not None or method == "auto"
     if timing and example_input is None:
         raise ValueError("measure_speed/min_speedup need example_input (the layers are timed on its shapes)")
     excluded = set(exclude)
@@ -241,47 +263,105 @@ def compress(
     inputs, ref_out = _probe(work, example_input, layers) if example_input is not None else ({}, None)
 
     names = list(layers)
-    svds, spectra = {}, []
+    candidates = {
+        name: (
+            list(dict.fromkeys(effective_method(m, layers[name]) for m in METHODS))
+            if method == "auto"
+            else [effective_method(method, layers[name])]
+        )
+        for name in names
+    }
+    svds, spectra = {}, {}
     for name in tqdm(names, desc="decomposing", disable=not progress):
         layer = layers[name]
-        svds[name] = _svd64(_layer_matrices(layer))
         shape = tuple(inputs[name].shape) if name in inputs else None
-        spectra.append(LayerSpectrum.of(name, layer, shape, svds[name]))
+        svds[name] = _svd64(_layer_matrices(layer))
+        for m in candidates[name]:
+            spectra[name, m] = method_spectrum(
+                m, name, layer, shape, svds[name] if m == "tai" else None, need_energies=rule == "mac_budget"
+            )
 
+    def pick(name: str, m: str, budget_share: float | None) -> int | None:
+        sp = spectra[name, m]
+        if budget_share is not None:  # auto with mac_budget: this layer's share of the budget
+            k = sp.largest_rank_within(budget_share) // sp.groups * sp.groups
+            k = min(k, sp.full_rank)
+            return k if k >= sp.groups and sp.worthwhile(k) else None
+        if rule == "rank":
+            return rank_for_explicit(sp, rank)
+        if rule == "energy":
+            return cp_rank_for_energy(sp, energy) if m == "cp" else rank_for_energy(sp, energy)
+        return rank_for_reduction(sp, reduction)
+
+    chosen: dict[tuple[str, str], int | None] = {}
     if rule == "mac_budget":
-        chosen = ranks_for_budget(spectra, mac_budget)
+        if method == "auto":
+            tai_ranks = ranks_for_budget([spectra[n, "tai"] for n in names], mac_budget)
+            for n, k in zip(names, tai_ranks):
+                share = None if k is None else spectra[n, "tai"].lowrank_macs(k)
+                for m in candidates[n]:
+                    chosen[n, m] = k if m == "tai" else (None if share is None else pick(n, m, share))
+        else:
+            # One budget over all layers: the DP runs on every layer's spectrum at once.
+            all_ranks = ranks_for_budget([spectra[n, candidates[n][0]] for n in names], mac_budget)
+            for n, k in zip(names, all_ranks):
+                chosen[n, candidates[n][0]] = k
     else:
-        pick = {
-            "rank": lambda sp: rank_for_explicit(sp, rank),
-            "energy": lambda sp: rank_for_energy(sp, energy),
-            "reduction": lambda sp: rank_for_reduction(sp, reduction),
-        }[rule]
-        chosen = [pick(sp) for sp in spectra]
+        for n in names:
+            for m in candidates[n]:
+                chosen[n, m] = pick(n, m, None)
 
     reports, replacements = [], {}
-    for name, sp, k in tqdm(list(zip(names, spectra, chosen)), desc="replacing", disable=not progress):
+    for name in tqdm(names, desc="replacing", disable=not progress):
         layer = layers[name]
         shape = tuple(inputs[name].shape) if name in inputs else None
         per_sample = None if shape is None else (1, *shape[1:])
         dense_macs = None if shape is None else macs(layer, per_sample)
-        new, err, speed = None, None, None
-        decision = "low rank" if k is not None else "dense: low rank would not cut MACs"
-        if k is not None:
-            build = SepConv2d._from_svd if isinstance(layer, nn.Conv2d) else LowRankLinear._from_svd
-            new = build(layer, k, svds.pop(name))  # pop: U and V of big layers are large
+        built = []  # (method, k, new layer, probe error, speedup)
+        for m in candidates[name]:
+            k = chosen[name, m]
+            if k is None:
+                continue
+            new = build_layer(m, layer, k, svds[name] if m == "tai" else None)
             new.train(layer.training)
+            err = speed = None
             if name in inputs:
                 with torch.no_grad():
                     err = _rel_error(new(inputs[name]), layer(inputs[name]))
                 if timing:
                     speed = measure_speedup(layer, new, inputs[name], rounds=speed_rounds)
-                    if min_speedup is not None and speed < min_speedup:
-                        decision = f"dense: measured speedup {speed:.2f} < {min_speedup}"
-                        new, err = None, None
-            elif min_speedup is not None:
-                decision, new = "dense: the probe input does not reach it, so it cannot be timed", None
+            built.append((m, k, new, err, speed))
+        svds.pop(name)  # U and V of big layers are large
+        if method == "auto" and built:
+            if rule == "energy":
+                ok = built
+            else:
+                limit = max_rel_error
+                if limit is None:
+                    tai = [b for b in built if b[0] == "tai"]
+                    limit = tai[0][3] if tai else None
+                ok = [b for b in built if limit is None or b[3] <= limit * (1 + 1e-9)]
+                ok = ok or [b for b in built if b[0] == "tai"]
+            built = [max(ok, key=lambda b: -1.0 if b[4] is None else b[4])] if ok else []
+        sp_tai = spectra.get((name, candidates[name][0]))
+        if built:
+            m, k, new, err, speed = built[0]
+            sp = spectra[name, m]
+            decision = "low rank"
+        else:
+            m, k, new, err, speed = candidates[name][0], None, None, None, None
+            sp = sp_tai
+            decision = "dense: low rank would not cut MACs"
+        if new is not None and name not in inputs and min_speedup is not None:
+            decision, new, err = "dense: the probe input does not reach it, so it cannot be timed", None, None
+        elif new is not None and min_speedup is not None and speed is not None and speed < min_speedup:
+            decision = f"dense: measured speedup {speed:.2f} < {min_speedup}"
+            new, err = None, None
         if new is not None:
             replacements[id(layer)] = new
+            kept = sp.kept_energy(k) if m == "tai" else kept_energy_of(layer, new)
+        else:
+            kept = 1.0
         reports.append(
             LayerReport(
                 name=name,
@@ -294,9 +374,10 @@ def compress(
                 params_after=params(layer if new is None else new),
                 macs_before=dense_macs,
                 macs_after=None if shape is None else (dense_macs if new is None else macs(new, per_sample)),
-                energy=1.0 if new is None else sp.kept_energy(k),
+                energy=kept,
                 rel_error=err,
                 speedup=speed,
+                method=m if new is not None else "dense",
             )
         )
     _replace(work, replacements)
@@ -311,6 +392,7 @@ def compress(
         "probe_shape": None if example_input is None else _shape_of(example_input),
         "min_speedup": min_speedup,
         "measured_speed": timing,
+        "method": method,
         "threads": torch.get_num_threads(),
     }
     return work, CompressionReport(reports, settings, model_err)

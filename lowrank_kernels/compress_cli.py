@@ -38,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=lambda s: tuple(int(v) for v in s.split(",")),
         help="probe input shape, e.g. 1,3,224,224 (random normal input): MACs, output errors, timings",
     )
+    parser.add_argument(
+        "--method",
+        choices=("tai", "separable_basis", "cp", "tucker2", "auto"),
+        default="tai",
+        help="decomposition of the convs (auto: per layer the fastest meeting the accuracy proxy; needs --input-shape)",
+    )
+    parser.add_argument(
+        "--max-rel-error", type=float, help="with --method auto: largest probe output error a layer's method may have"
+    )
     parser.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="layer names to leave dense")
     parser.add_argument("--measure-speed", action="store_true", help="time every replaced layer against the dense one")
     parser.add_argument(
@@ -122,6 +131,8 @@ def _compress(model: nn.Module, args: argparse.Namespace, example):
         measure_speed=args.measure_speed,
         min_speedup=args.min_speedup,
         progress=not args.no_progress,
+        method=args.method,
+        max_rel_error=args.max_rel_error,
     )
 
 

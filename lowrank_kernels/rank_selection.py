@@ -35,6 +35,7 @@ from .layers import (
     _svd64,
     _tai_kernel,
 )
+from .schemes import CPConv2d, SeparableBasisConv2d, Tucker2Conv2d
 
 __all__ = [
     "macs",
@@ -85,12 +86,33 @@ def macs(layer: nn.Module, input_shape: Sequence[int] | None = None) -> int:
             return layer.out_channels * cg * dv * dh * h_out * w_out
         k = layer.rank
         return k * cg * dv * h_out * w_t + layer.out_channels * (k // g) * dh * h_out * w_out
+    if isinstance(layer, (CPConv2d, SeparableBasisConv2d, Tucker2Conv2d)):
+        return _chain_macs(layer, input_shape)
     positions = 1 if input_shape is None else _linear_positions(input_shape)
     if isinstance(layer, nn.Linear):
         return layer.in_features * layer.out_features * positions
     if isinstance(layer, LowRankLinear):
         return layer.rank * (layer.in_features + layer.out_features) * positions
     raise ValueError(f"macs: unsupported layer type {type(layer).__name__}")
+
+
+def _chain_macs(layer: nn.Module, input_shape: Sequence[int] | None) -> int:
+    """MACs of the chains of schemes.py: every stage's outputs times its taps."""
+    if input_shape is None:
+        h = w = h_out = w_out = w_t = 1
+    else:
+        h, w = input_shape[-2], input_shape[-1]
+        h_out, w_out, w_t = _conv_geometry(layer, input_shape)
+    g, (dv, dh) = layer.groups, layer.kernel_size
+    c, n = layer.in_channels, layer.out_channels
+    if isinstance(layer, CPConv2d):
+        r = layer.rank
+        return r * (c // g) * h * w + r * dv * h_out * w_t + r * dh * h_out * w_out + n * (r // g) * h_out * w_out
+    if isinstance(layer, SeparableBasisConv2d):
+        cm = c * layer.rank
+        return cm * dv * h_out * w_t + cm * dh * h_out * w_out + n * (cm // g) * h_out * w_out
+    r_in, r_out = layer.rank
+    return r_in * (c // g) * h * w + r_out * (r_in // g) * dv * dh * h_out * w_out + n * (r_out // g) * h_out * w_out
 
 
 def params(layer: nn.Module) -> int:
@@ -150,6 +172,10 @@ class LayerSpectrum:
     def lowrank_macs(self, rank: int) -> float:
         return rank * self.macs_per_rank
 
+    def largest_rank_within(self, limit: float) -> int:
+        """Largest total rank (before rounding to groups) whose MACs stay within `limit`."""
+        return int(limit // self.macs_per_rank)
+
     @property
     def max_useful_rank(self) -> int:
         """Largest total rank that still costs fewer MACs than the dense layer (0 if none does)."""
@@ -179,7 +205,7 @@ def rank_for_reduction(spectrum: LayerSpectrum, reduction: float) -> int | None:
     group), or None when even that would not reduce MACs."""
     if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not reduction > 1.0:
         raise ValueError(f"reduction must be a number > 1 (dense MACs / low-rank MACs), got {reduction!r}")
-    k = _round_rank(spectrum, int(spectrum.dense_macs / reduction // spectrum.macs_per_rank))
+    k = _round_rank(spectrum, spectrum.largest_rank_within(spectrum.dense_macs / reduction))
     return k if spectrum.worthwhile(k) else None
 
 
@@ -209,7 +235,7 @@ def ranks_for_budget(spectra: Sequence[LayerSpectrum], budget: float, *, resolut
         opts = [(math.ceil(sp.dense_macs / unit - 1e-9), 0.0, None)]
         e = (sp.s.to(torch.float64) ** 2).sum(0)  # per-group energies summed across groups, by index
         total = float(e.sum())
-        kept = (e.cumsum(0) / total if total > 0 else torch.ones_like(e)).tolist()
+        kept = (e.cumsum(0) / total if total > 0 else torch.ones_like(e)).clamp_min(math.exp(tiny)).tolist()
         for k in range(sp.groups, sp.max_useful_rank + 1, sp.groups):
             opts.append((math.ceil(sp.lowrank_macs(k) / unit - 1e-9), max(math.log(kept[k // sp.groups - 1]), tiny), k))
         options.append(opts)

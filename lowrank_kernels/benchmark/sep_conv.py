@@ -106,7 +106,13 @@ def _vgg16() -> tuple[ConvLayer, ...]:
     return tuple(ConvLayer(n, c, o, k, s, s) for n, c, o, k, s in layers)
 
 
-NETS: dict[str, tuple[ConvLayer, ...]] = {"vgg16": _vgg16()}
+def _depthwise() -> tuple[ConvLayer, ...]:
+    # The spatial part of CP and Jaderberg scheme-1 layers: a depthwise 3x1 then 1x3 pair
+    # (groups = C = K = N), against the dense depthwise 3x3 conv and the unfused depthwise pair.
+    return tuple(ConvLayer(f"dw{c}_{s}", c, c, c, s, s, 3, c) for s in (56, 28) for c in (64, 128, 256))
+
+
+NETS: dict[str, tuple[ConvLayer, ...]] = {"vgg16": _vgg16(), "depthwise": _depthwise()}
 
 _SPEC = re.compile(r"^(?P<name>\w+):(?P<c>\d+)x(?P<n>\d+)r(?P<k>\d+)@(?P<h>\d+)(?:x(?P<w>\d+))?(?:k(?P<d>\d+))?$")
 
