@@ -42,8 +42,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
@@ -93,8 +93,7 @@ bool svd_force_512() {
 
 std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optional<int64_t> rank_opt,
                                                    int64_t max_sweeps) {
-  TORCH_CHECK_VALUE(A.dim() >= 2, "batched_svd: A must have at least 2 dimensions (..., m, n), got ", A.dim(),
-                    "-D");
+  TORCH_CHECK_VALUE(A.dim() >= 2, "batched_svd: A must have at least 2 dimensions (..., m, n), got ", A.dim(), "-D");
   TORCH_CHECK_VALUE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
                     "batched_svd: A must be float32 or float64, got ", A.scalar_type());
   TORCH_CHECK_VALUE(max_sweeps >= 1, "batched_svd: max_sweeps must be >= 1, got ", max_sweeps);
@@ -102,8 +101,7 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   int64_t rank = k;
   if (rank_opt.has_value()) {
     rank = *rank_opt;
-    TORCH_CHECK_VALUE(rank >= 1 && rank <= k, "batched_svd: rank must be in [1, min(m, n)] = [1, ", k, "], got ",
-                      rank);
+    TORCH_CHECK_VALUE(rank >= 1 && rank <= k, "batched_svd: rank must be in [1, min(m, n)] = [1, ", k, "], got ", rank);
   }
   auto batch_shape = A.sizes().slice(0, A.dim() - 2).vec();
   auto with = [&](std::initializer_list<int64_t> tail) {
@@ -124,8 +122,18 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   // Jacobi in double lanes from 16 x 16 on). float64: Jacobi in double lanes (the Gram route cannot
   // reach 1e-12 for ill-conditioned input).
   const bool gram = A.scalar_type() == at::kFloat && std::max(m, n) > kFloatLanesMaxSize;
-  const svd::SvdCall call{Ac.const_data_ptr(), U.mutable_data_ptr(), S.mutable_data_ptr(), Vh.mutable_data_ptr(),
-                          batch, m, n, rank, max_sweeps, A.scalar_type() == at::kDouble, gram, &failed};
+  const svd::SvdCall call{Ac.const_data_ptr(),
+                          U.mutable_data_ptr(),
+                          S.mutable_data_ptr(),
+                          Vh.mutable_data_ptr(),
+                          batch,
+                          m,
+                          n,
+                          rank,
+                          max_sweeps,
+                          A.scalar_type() == at::kDouble,
+                          gram,
+                          &failed};
   switch (cpu_capability()) {
 #if defined(__x86_64__)
     case CpuCapability::AVX512:
@@ -143,10 +151,10 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
     default:
       svd::run_default(call);
   }
-  TORCH_CHECK(failed.load() == std::numeric_limits<int64_t>::max(), "batched_svd: ",
-              gram ? "tridiagonal QR" : "one-sided Jacobi", " did not converge within max_sweeps=", max_sweeps,
-              gram ? " steps per eigenvalue" : " sweeps", " for matrix ", failed.load(),
-              " of the flattened batch (shape ", A.sizes(), ")");
+  TORCH_CHECK(failed.load() == std::numeric_limits<int64_t>::max(),
+              "batched_svd: ", gram ? "tridiagonal QR" : "one-sided Jacobi",
+              " did not converge within max_sweeps=", max_sweeps, gram ? " steps per eigenvalue" : " sweeps",
+              " for matrix ", failed.load(), " of the flattened batch (shape ", A.sizes(), ")");
   return {U, S, Vh};
 }
 
@@ -163,4 +171,3 @@ TORCH_LIBRARY_FRAGMENT(lowrank, m) {
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) { m.impl("batched_svd", &batched_svd_cpu); }
 
 }  // namespace lowrank
-

@@ -67,8 +67,8 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
       std::vector<char> finite;
       unsigned rotating;
     };
-    std::vector<Slot> slots(per_round, Slot{std::vector<C>(l * k * L), std::vector<C>(k * k * L),
-                                            std::vector<C>(k * L), std::vector<double>(L), std::vector<char>(L), 0});
+    std::vector<Slot> slots(per_round, Slot{std::vector<C>(l * k * L), std::vector<C>(k * k * L), std::vector<C>(k * L),
+                                            std::vector<double>(L), std::vector<char>(L), 0});
     std::vector<C> cs(2 * pairs.size() * L + 2 * L);
     std::vector<unsigned> pair_mask(pairs.size());
     std::vector<double> Q(l * k), Vs(k * k), sigma(k), inv_sigma(k), signs(k);
@@ -158,8 +158,7 @@ void batched_svd_kernel(const T* A, T* U, T* S, T* Vh, int64_t batch, int64_t m,
             }
             if (rotating & (1u << lane)) {
               int64_t expected = std::numeric_limits<int64_t>::max();
-              while (b < expected && !failed.compare_exchange_weak(expected, b)) {
-              }
+              while (b < expected && !failed.compare_exchange_weak(expected, b)) {}
             }
             double smax = 0;
             for (int64_t j = 0; j < k; ++j) {

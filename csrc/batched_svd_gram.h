@@ -29,12 +29,16 @@ void gemm_wv(const double* W, const double* Vm, double* Wn, int64_t l, int64_t k
     const bool pair = c + 1 < k;
     int64_t i = 0;
     for (; i + 4 <= l; i += 4) {
-      if (pair) gemm_tile<4, 2>(W, Vm, Wn, l, k, i, c);
-      else gemm_tile<4, 1>(W, Vm, Wn, l, k, i, c);
+      if (pair)
+        gemm_tile<4, 2>(W, Vm, Wn, l, k, i, c);
+      else
+        gemm_tile<4, 1>(W, Vm, Wn, l, k, i, c);
     }
     for (; i < l; ++i) {
-      if (pair) gemm_tile<1, 2>(W, Vm, Wn, l, k, i, c);
-      else gemm_tile<1, 1>(W, Vm, Wn, l, k, i, c);
+      if (pair)
+        gemm_tile<1, 2>(W, Vm, Wn, l, k, i, c);
+      else
+        gemm_tile<1, 1>(W, Vm, Wn, l, k, i, c);
     }
   }
 }
@@ -44,8 +48,19 @@ struct GramWork {
   std::vector<double> Wn, B, H, Q, D, d, e, tau, p, ab, lam, inv_n2;
   std::vector<int64_t> order;
   GramWork(int64_t l, int64_t k)
-      : Wn(l * k * kDL), B(k * k * kDL), H(k * k * kDL), Q(k * k * kDL), D(k * kDL), d(k * kDL), e(k * kDL),
-        tau(2 * k * kDL), p(k * kDL), ab(2 * k * kDL), lam(k * kDL), inv_n2(k * kDL), order(k) {}
+      : Wn(l * k * kDL),
+        B(k * k * kDL),
+        H(k * k * kDL),
+        Q(k * k * kDL),
+        D(k * kDL),
+        d(k * kDL),
+        e(k * kDL),
+        tau(2 * k * kDL),
+        p(k * kDL),
+        ab(2 * k * kDL),
+        lam(k * kDL),
+        inv_n2(k * kDL),
+        order(k) {}
 };
 
 // The Gram route, first half, on one group of packed matrices W (l x k, column-major, lane =
@@ -74,8 +89,7 @@ void gram_tridiagonal(const std::vector<double>& W, int64_t l, int64_t k, GramWo
   };
   for (int64_t a = 0; a < k; a += 2)
     for (int64_t b = 0; b <= a; b += 2) gram_tile(a, b, a + 1 < k, b + 1 < k);
-  tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(),
-                 k);
+  tridiagonalize(ws.B.data(), ws.H.data(), ws.Q.data(), ws.d.data(), ws.e.data(), ws.tau.data(), ws.p.data(), k);
 }
 
 // The Gram route, second half (after tridiagonal_qr): outputs as the Jacobi route leaves them,
@@ -133,8 +147,7 @@ void gram_vectors(std::vector<double>& W, double* Vm, double* sigma_lanes, int64
     double* wj = Wn + j * l * kDL;
     const DVec lj = S::load(ws.lam.data() + j * kDL);
     DVec keep = zero;  // per lane: how many leading columns need no projection
-    for (int64_t i = 0; i < j; ++i)
-      keep = keep + S::blend_gt(thr, S::load(ws.lam.data() + i * kDL) * lj, one, zero);
+    for (int64_t i = 0; i < j; ++i) keep = keep + S::blend_gt(thr, S::load(ws.lam.data() + i * kDL) * lj, one, zero);
     const int64_t from = lane_min(keep);
     DVec n2 = norm2(wj);
     if (from < j) {

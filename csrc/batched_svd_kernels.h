@@ -13,27 +13,27 @@ namespace {
 
 constexpr int kVectorBytes = LOWRANK_SVD_VECTOR_BYTES;
 
-#include "batched_svd_lanes.h"
-#include "batched_svd_jacobi.h"
-#include "batched_svd_tridiag.h"
-#include "batched_svd_gram.h"
 #include "batched_svd_driver.h"
+#include "batched_svd_gram.h"
+#include "batched_svd_jacobi.h"
+#include "batched_svd_lanes.h"
+#include "batched_svd_tridiag.h"
 
 // float32 up to 8 x 8: float lanes (twice the matrices per instruction); float32 beyond: the Gram
 // route in double lanes; float64: Jacobi in double lanes.
 void run_kernel(const SvdCall& c) {
   if (c.is_double) {
     batched_svd_kernel<double, double>(static_cast<const double*>(c.A), static_cast<double*>(c.U),
-                                       static_cast<double*>(c.S), static_cast<double*>(c.Vh), c.batch, c.m, c.n,
-                                       c.rank, c.max_sweeps, false, *c.failed);
+                                       static_cast<double*>(c.S), static_cast<double*>(c.Vh), c.batch, c.m, c.n, c.rank,
+                                       c.max_sweeps, false, *c.failed);
   } else if (c.gram) {
     batched_svd_kernel<float, double>(static_cast<const float*>(c.A), static_cast<float*>(c.U),
                                       static_cast<float*>(c.S), static_cast<float*>(c.Vh), c.batch, c.m, c.n, c.rank,
                                       c.max_sweeps, true, *c.failed);
   } else {
-    batched_svd_kernel<float, float>(static_cast<const float*>(c.A), static_cast<float*>(c.U),
-                                     static_cast<float*>(c.S), static_cast<float*>(c.Vh), c.batch, c.m, c.n, c.rank,
-                                     c.max_sweeps, false, *c.failed);
+    batched_svd_kernel<float, float>(static_cast<const float*>(c.A), static_cast<float*>(c.U), static_cast<float*>(c.S),
+                                     static_cast<float*>(c.Vh), c.batch, c.m, c.n, c.rank, c.max_sweeps, false,
+                                     *c.failed);
   }
 }
 

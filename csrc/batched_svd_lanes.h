@@ -36,7 +36,8 @@ struct Lanes {
 
   static V sqrt(V a) {
 #if defined(__x86_64__)
-    if constexpr (Bytes == 64 && sizeof(T) == 8) return (V)_mm512_mask_sqrt_pd((__m512d)a, (__mmask8)0xFF, (__m512d)a);  // no undefined source lanes
+    if constexpr (Bytes == 64 && sizeof(T) == 8)
+      return (V)_mm512_mask_sqrt_pd((__m512d)a, (__mmask8)0xFF, (__m512d)a);  // no undefined source lanes
     if constexpr (Bytes == 64 && sizeof(T) == 4) return (V)_mm512_mask_sqrt_ps((__m512)a, (__mmask16)0xFFFF, (__m512)a);
     if constexpr (Bytes == 32 && sizeof(T) == 8) return (V)_mm256_sqrt_pd((__m256d)a);
     if constexpr (Bytes == 32 && sizeof(T) == 4) return (V)_mm256_sqrt_ps((__m256)a);

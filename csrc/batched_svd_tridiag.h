@@ -33,8 +33,7 @@ inline int64_t lane_min(DVec v) {
 // triangle used and overwritten); Q (row-major) is formed explicitly. Row j of H keeps the j-th
 // Householder vector (entries j+1..k-1, contiguous for the inner loops; H zero-initialized).
 // tau: 2 k, p: k lane vectors of scratch.
-void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, double* tau, double* p,
-                    int64_t k) {
+void tridiagonalize(double* B, double* H, double* Q, double* d, double* e, double* tau, double* p, int64_t k) {
   using S = DLanes;
   const DVec zero = S::set1(0.0), one = S::set1(1.0), half = S::set1(0.5);
   for (int64_t j = 0; j + 2 < k; ++j) {

@@ -58,8 +58,7 @@ inline CpuCapability resolve_cpu_capability() {
   } else if (value == "avx512") {
     requested = CpuCapability::AVX512;
   } else {
-    TORCH_CHECK_VALUE(false, "LOWRANK_CPU_CAPABILITY must be one of default, avx2, avx512 (or unset), got '", env,
-                      "'");
+    TORCH_CHECK_VALUE(false, "LOWRANK_CPU_CAPABILITY must be one of default, avx2, avx512 (or unset), got '", env, "'");
   }
   if (requested > supported) {
     TORCH_WARN("LOWRANK_CPU_CAPABILITY=", env, " asks for more than this CPU supports; using ",

@@ -87,8 +87,7 @@ struct PanelState {
 // Q (m x n, row-major) = first n columns of H_1 ... H_k. If `states` is given, keeps the
 // per-panel data the backward needs.
 template <typename T>
-void forward_one(const T* a, const T* tau, int64_t m, int64_t n, int64_t k, T* q,
-                 std::vector<PanelState<T>>* states) {
+void forward_one(const T* a, const T* tau, int64_t m, int64_t n, int64_t k, T* q, std::vector<PanelState<T>>* states) {
   std::fill(q, q + m * n, T(0));
   for (int64_t i = 0; i < n; ++i) q[i * n + i] = T(1);
   const int64_t npanels = (k + kPanel - 1) / kPanel;
@@ -145,8 +144,7 @@ void backward_one(const T* g, const T* a, const T* tau, int64_t m, int64_t n, in
     gemm<T>(false, true, rows, b, b, T(-1), tmp.data(), b, p.t.data(), b, T(0), gy.data(), b);
     for (int64_t r = 0; r < b; ++r)
       for (int64_t c = 0; c < b; ++c) tmp[r * b + c] = v[c * cols + r];
-    gemm<T>(false, true, m - j1, b, n - j1, T(1), st.x.data(), n - j1, v.data() + b, cols, T(0), tmp.data() + b * b,
-            b);
+    gemm<T>(false, true, m - j1, b, n - j1, T(1), st.x.data(), n - j1, v.data() + b, cols, T(0), tmp.data() + b * b, b);
     gemm<T>(false, false, rows, b, b, T(-1), tmp.data(), b, p.t.data(), b, T(1), gy.data(), b);
     // dL/dT = -V W^T, then through T = D U^{-1}, U = I + striu(S) D:
     // M = dT U^{-T}, N = -T^T M, dtau = diag(M) + diag(S^T N), dS = striu(N D).
@@ -188,23 +186,23 @@ void check_householder(const Tensor& input, const Tensor& tau, const char* name)
   TORCH_CHECK_VALUE(input.dim() >= 2, name, ": input must have at least 2 dimensions, got ", input.dim());
   TORCH_CHECK_VALUE(tau.dim() >= 1, name, ": tau must have at least 1 dimension, got ", tau.dim());
   TORCH_CHECK_VALUE(input.dim() - tau.dim() == 1, name,
-              ": Expected tau to have one dimension less than input, but got tau.ndim equal to ", tau.dim(),
-              " and input.ndim is equal to ", input.dim());
+                    ": Expected tau to have one dimension less than input, but got tau.ndim equal to ", tau.dim(),
+                    " and input.ndim is equal to ", input.dim());
   TORCH_CHECK_VALUE(input.size(-2) >= input.size(-1), name,
-              ": input.shape[-2] must be greater than or equal to input.shape[-1], got input.shape ",
-              input.sizes());
+                    ": input.shape[-2] must be greater than or equal to input.shape[-1], got input.shape ",
+                    input.sizes());
   TORCH_CHECK_VALUE(input.size(-1) >= tau.size(-1), name,
-              ": input.shape[-1] must be greater than or equal to tau.shape[-1], got input.shape ", input.sizes(),
-              " and tau.shape ", tau.sizes());
+                    ": input.shape[-1] must be greater than or equal to tau.shape[-1], got input.shape ", input.sizes(),
+                    " and tau.shape ", tau.sizes());
   TORCH_CHECK_VALUE(input.sizes().slice(0, input.dim() - 2) == tau.sizes().slice(0, tau.dim() - 1), name,
-              ": Expected batch dimensions of tau to be equal to input.shape[:-2], but got tau.shape ", tau.sizes(),
-              " and input.shape ", input.sizes());
+                    ": Expected batch dimensions of tau to be equal to input.shape[:-2], but got tau.shape ",
+                    tau.sizes(), " and input.shape ", input.sizes());
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, name,
-              ": input must be float32 or float64, got ", input.scalar_type());
+                    ": input must be float32 or float64, got ", input.scalar_type());
   TORCH_CHECK_VALUE(tau.scalar_type() == input.scalar_type(), name, ": tau dtype ", tau.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
+                    " does not match input dtype ", input.scalar_type());
   TORCH_CHECK_VALUE(tau.device() == input.device(), name, ": tau is on ", tau.device(), " but input is on ",
-              input.device());
+                    input.device());
 }
 
 Tensor householder_product_cpu(const Tensor& input, const Tensor& tau) {
@@ -232,9 +230,9 @@ std::tuple<Tensor, Tensor> householder_product_backward_cpu(const Tensor& grad, 
                                                             const Tensor& tau) {
   check_householder(input, tau, "householder_product_backward");
   TORCH_CHECK_VALUE(grad.sizes() == input.sizes(), "householder_product_backward: grad must have shape ", input.sizes(),
-              ", got ", grad.sizes());
+                    ", got ", grad.sizes());
   TORCH_CHECK_VALUE(grad.scalar_type() == input.scalar_type() && grad.device() == input.device(),
-              "householder_product_backward: grad must have the dtype and device of input");
+                    "householder_product_backward: grad must have the dtype and device of input");
   const int64_t m = input.size(-2), n = input.size(-1), k = tau.size(-1);
   const int64_t batch = m * n == 0 ? 0 : input.numel() / (m * n);
   Tensor a = input.contiguous(), t = tau.contiguous(), g = grad.contiguous();

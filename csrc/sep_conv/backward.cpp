@@ -72,9 +72,9 @@ struct BackwardKernel {
     if (per_slot > 0)
       n_slots = std::max<int64_t>(1, std::min(n_slots, kAccumulatorBytes / (per_slot * int64_t(sizeof(Acc)))));
     const int64_t nv = s.groups * s.dv * vblk, nh = s.groups * s.dh * hblk;
-    call_scratch = std::make_unique<Scratch>(
-        Scratch::kCall, 2 * Scratch::bytes_for<Op>(nv) + Scratch::bytes_for<Op>(nh) +
-                            Scratch::bytes_for<Acc>(n_slots * per_slot));
+    call_scratch =
+        std::make_unique<Scratch>(Scratch::kCall, 2 * Scratch::bytes_for<Op>(nv) + Scratch::bytes_for<Op>(nh) +
+                                                      Scratch::bytes_for<Acc>(n_slots * per_slot));
     wv_ck = call_scratch->take<Op>(nv);
     wv_kc = call_scratch->take<Op>(nv);
     wh_kn = call_scratch->take<Op>(nh);
@@ -111,9 +111,9 @@ struct BackwardKernel {
   int64_t input_rows(int64_t rows) const { return (rows - 1) * s.stride_v + s.dil_v * (s.dv - 1) + 1; }
 
   void run() {
-    const int64_t row_bytes = (s.stride_v * s.width * s.cg + Wp * s.kg + Wp * s.ng + 2 * s.width * s.kg) *
-                                  int64_t(sizeof(Op)) +
-                              (s.width * s.kg + Wp * s.kg) * int64_t(sizeof(Acc));
+    const int64_t row_bytes =
+        (s.stride_v * s.width * s.cg + Wp * s.kg + Wp * s.ng + 2 * s.width * s.kg) * int64_t(sizeof(Op)) +
+        (s.width * s.kg + Wp * s.kg) * int64_t(sizeof(Acc));
     const Tiling tiling = choose_tiling(s, row_bytes, 2);
     const int64_t per_slot = wv_numel() + wh_numel();
     const bool nested = at::in_parallel_region();
@@ -144,13 +144,13 @@ struct BackwardKernel {
     static int64_t counts(const BackwardKernel& k, int64_t max_rows, int64_t (&n)[7]) {
       const SepConvShape& s = k.s;
       const int64_t P = max_rows * k.Wp;
-      n[0] = k.input_rows(max_rows) * s.width * s.cg;                 // xbuf
-      n[1] = k.need_wh ? max_rows * s.width * s.kg : 0;                // tacc
-      n[2] = k.need_wh ? P * s.kg : 0;                                 // tpad
-      n[3] = s.ng * (k.guard + P);                                     // gcm
-      n[4] = s.kg * P;                                                 // dtcm
-      n[5] = s.kg * max_rows * s.width;                                // dtu
-      n[6] = (CL && k.gx) ? max_rows * s.width * s.kg : 0;             // dtu_pm
+      n[0] = k.input_rows(max_rows) * s.width * s.cg;       // xbuf
+      n[1] = k.need_wh ? max_rows * s.width * s.kg : 0;     // tacc
+      n[2] = k.need_wh ? P * s.kg : 0;                      // tpad
+      n[3] = s.ng * (k.guard + P);                          // gcm
+      n[4] = s.kg * P;                                      // dtcm
+      n[5] = s.kg * max_rows * s.width;                     // dtu
+      n[6] = (CL && k.gx) ? max_rows * s.width * s.kg : 0;  // dtu_pm
       return 0;
     }
     static size_t bytes(const BackwardKernel& k, int64_t max_rows) {
@@ -201,8 +201,8 @@ struct BackwardKernel {
       Op* d = gcm + n * gld + guard;
       for (int64_t rr = 0; rr < rows; ++rr)
         for (int64_t w = 0; w < Wo; ++w) {
-          const int64_t src = CL ? ((r0 + rr) * Wo + w) * s.out_channels + g * s.ng + n
-                                 : ((g * s.ng + n) * Ho + r0 + rr) * Wo + w;
+          const int64_t src =
+              CL ? ((r0 + rr) * Wo + w) * s.out_channels + g * s.ng + n : ((g * s.ng + n) * Ho + r0 + rr) * Wo + w;
           d[rr * Wp + w * s.stride_h] = Op(gob[src]);
         }
     }
@@ -217,23 +217,23 @@ struct BackwardKernel {
           gemm_rowmajor_b<Op>(pw, s.kg, s.cg, xi, ld, wb, s.kg, tacc, s.kg, i > 0);
         } else {
           for (int64_t rr = 0; rr < rows; ++rr)
-            gemm_rowmajor_b<Op>(W, s.kg, s.cg, xi + rr * s.stride_v * W * ld, ld, wb, s.kg, tacc + rr * W * s.kg,
-                                s.kg, i > 0);
+            gemm_rowmajor_b<Op>(W, s.kg, s.cg, xi + rr * s.stride_v * W * ld, ld, wb, s.kg, tacc + rr * W * s.kg, s.kg,
+                                i > 0);
         }
       }
       for (int64_t rr = 0; rr < rows; ++rr)
         round_rows<In, Op>(tacc + rr * W * s.kg, W * s.kg, tpad + (rr * Wp + s.pad_h) * s.kg);
       Acc* acc_wh = my_acc + wv_numel() + g * s.dh * hblk;
       for (int64_t j = 0; j < s.dh; ++j)
-        gemm_rowmajor_b<Op>(s.ng, s.kg, P - guard, gcm + guard, gld, tpad + j * s.dil_h * s.kg, s.kg,
-                            acc_wh + j * hblk, s.kg, true);
+        gemm_rowmajor_b<Op>(s.ng, s.kg, P - guard, gcm + guard, gld, tpad + j * s.dil_h * s.kg, s.kg, acc_wh + j * hblk,
+                            s.kg, true);
     }
     if (!need_wv && !gx) return;
     // dT = sum_j Wh_j^T G(shifted), then its interior columns rounded into dtu.
     Acc* dtcm = buf.dtcm;
     for (int64_t j = 0; j < s.dh; ++j)
-      gemm_rowmajor_b<Op>(s.kg, P, s.ng, wh_kn + (g * s.dh + j) * hblk, s.ng, gcm + guard - j * s.dil_h, gld,
-                          dtcm, P, j > 0);
+      gemm_rowmajor_b<Op>(s.kg, P, s.ng, wh_kn + (g * s.dh + j) * hblk, s.ng, gcm + guard - j * s.dil_h, gld, dtcm, P,
+                          j > 0);
     Op* dtu = buf.dtu;
     for (int64_t k = 0; k < s.kg; ++k)
       for (int64_t rr = 0; rr < rows; ++rr)
@@ -306,8 +306,7 @@ void run_backward(const SepConvShape& s, const Tensor& gy, const Tensor& x, cons
                   Tensor& gx_acc, Tensor& gwv, Tensor& gwh) {
   using Op = std::conditional_t<std::is_same_v<In, double>, double, float>;
   BackwardKernel<In, Op, CL> k(s, gy.data_ptr<In>(), x.data_ptr<In>(), wv.data_ptr<In>(), wh.data_ptr<In>(),
-                               gx_acc.defined() ? gx_acc.data_ptr<acc_t<Op>>() : nullptr, gwv.defined(),
-                               gwh.defined());
+                               gx_acc.defined() ? gx_acc.data_ptr<acc_t<Op>>() : nullptr, gwv.defined(), gwh.defined());
   k.run();
   k.write_weight_grads(gwv.defined() ? gwv.data_ptr<In>() : nullptr, gwh.defined() ? gwh.data_ptr<In>() : nullptr);
 }
@@ -325,17 +324,19 @@ std::tuple<Tensor, Tensor, Tensor> backward(const SepConvShape& s, const Tensor&
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   Tensor grad_input = output_mask[0] ? empty_result(input.sizes(), input.options().memory_format(memory_format))
                                      : at::empty({0}, input.options());
-  Tensor grad_wv = output_mask[1] ? at::zeros(weight_v.sizes(), weight_v.options()) : at::empty({0}, weight_v.options());
-  Tensor grad_wh = output_mask[2] ? at::zeros(weight_h.sizes(), weight_h.options()) : at::empty({0}, weight_h.options());
+  Tensor grad_wv =
+      output_mask[1] ? at::zeros(weight_v.sizes(), weight_v.options()) : at::empty({0}, weight_v.options());
+  Tensor grad_wh =
+      output_mask[2] ? at::zeros(weight_h.sizes(), weight_h.options()) : at::empty({0}, weight_h.options());
   if (output_mask[0]) grad_input.zero_();
   if (s.batch == 0 || s.out_channels == 0 || !(output_mask[0] || output_mask[1] || output_mask[2]))
     return {grad_input, grad_wv, grad_wh};
   // grad_input accumulates in place for float/double, in a float buffer for 16-bit inputs.
   Tensor gx_acc;
   if (output_mask[0])
-    gx_acc = dtype == acc_dtype ? grad_input
-                                : empty_result(input.sizes(), input.options().dtype(acc_dtype).memory_format(memory_format))
-                                      .zero_();
+    gx_acc = dtype == acc_dtype
+                 ? grad_input
+                 : empty_result(input.sizes(), input.options().dtype(acc_dtype).memory_format(memory_format)).zero_();
   const Tensor x = input.contiguous(memory_format), gy = grad_out.to(dtype).contiguous(memory_format);
   const Tensor wv = weight_v.contiguous(), wh = weight_h.contiguous();
   Tensor gwv = output_mask[1] ? grad_wv : Tensor(), gwh = output_mask[2] ? grad_wh : Tensor();
@@ -347,10 +348,18 @@ std::tuple<Tensor, Tensor, Tensor> backward(const SepConvShape& s, const Tensor&
       run_backward<In, false>(s, gy, x, wv, wh, gx_acc, gwv, gwh);
   };
   switch (dtype) {
-    case at::kFloat: run(float{}); break;
-    case at::kDouble: run(double{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    default: run(at::Half{}); break;
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kDouble:
+      run(double{});
+      break;
+    case at::kBFloat16:
+      run(at::BFloat16{});
+      break;
+    default:
+      run(at::Half{});
+      break;
   }
   if (output_mask[0] && dtype != acc_dtype) grad_input.copy_(gx_acc);
   return {grad_input, grad_wv, grad_wh};

@@ -16,8 +16,8 @@ namespace lowrank {
 namespace sep_conv {
 
 SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const Tensor& weight_h,
-                            const std::optional<Tensor>& bias, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                            const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK_VALUE(stride.size() == 2, "sep_conv: stride must have 2 elements, got ", stride.size());
   TORCH_CHECK_VALUE(padding.size() == 2, "sep_conv: padding must have 2 elements, got ", padding.size());
   TORCH_CHECK_VALUE(dilation.size() == 2, "sep_conv: dilation must have 2 elements, got ", dilation.size());
@@ -26,12 +26,12 @@ SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const T
                     "sep_conv: weight_v must have shape (K, C/groups, dv, 1), got ", weight_v.sizes());
   TORCH_CHECK_VALUE(weight_h.dim() == 4 && weight_h.size(2) == 1,
                     "sep_conv: weight_h must have shape (N, K/groups, 1, dh), got ", weight_h.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()),
-                    "sep_conv: input must be a floating-point tensor, got ", input.scalar_type());
-  TORCH_CHECK_VALUE(weight_v.scalar_type() == input.scalar_type(), "sep_conv: weight_v dtype ",
-                    weight_v.scalar_type(), " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK_VALUE(weight_h.scalar_type() == input.scalar_type(), "sep_conv: weight_h dtype ",
-                    weight_h.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), "sep_conv: input must be a floating-point tensor, got ",
+                    input.scalar_type());
+  TORCH_CHECK_VALUE(weight_v.scalar_type() == input.scalar_type(), "sep_conv: weight_v dtype ", weight_v.scalar_type(),
+                    " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(weight_h.scalar_type() == input.scalar_type(), "sep_conv: weight_h dtype ", weight_h.scalar_type(),
+                    " does not match input dtype ", input.scalar_type());
   TORCH_CHECK_VALUE(weight_v.device() == input.device(), "sep_conv: weight_v is on ", weight_v.device(),
                     " but input is on ", input.device());
   TORCH_CHECK_VALUE(weight_h.device() == input.device(), "sep_conv: weight_h is on ", weight_h.device(),
@@ -52,13 +52,13 @@ SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const T
   s.dv = weight_v.size(2);
   s.dh = weight_h.size(3);
   s.groups = groups;
-  TORCH_CHECK_VALUE(s.rank > 0 && weight_v.size(1) > 0 && s.dv > 0,
-                    "sep_conv: weight_v must not be empty, got shape ", weight_v.sizes());
+  TORCH_CHECK_VALUE(s.rank > 0 && weight_v.size(1) > 0 && s.dv > 0, "sep_conv: weight_v must not be empty, got shape ",
+                    weight_v.sizes());
   TORCH_CHECK_VALUE(weight_h.size(1) > 0 && s.dh > 0, "sep_conv: weight_h must not be empty, got shape ",
                     weight_h.sizes());
   TORCH_CHECK_VALUE(s.in_channels % groups == 0 && weight_v.size(1) * groups == s.in_channels,
-                    "sep_conv: weight_v expects ", weight_v.size(1), " input channels per group and groups=",
-                    groups, ", but input has ", s.in_channels, " channels");
+                    "sep_conv: weight_v expects ", weight_v.size(1), " input channels per group and groups=", groups,
+                    ", but input has ", s.in_channels, " channels");
   TORCH_CHECK_VALUE(s.rank % groups == 0, "sep_conv: weight_v has ", s.rank,
                     " output channels, not divisible by groups=", groups);
   TORCH_CHECK_VALUE(weight_h.size(1) * groups == s.rank, "sep_conv: weight_h expects ", weight_h.size(1),
@@ -68,10 +68,10 @@ SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const T
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.out_channels, "sep_conv: bias must have shape (",
                       s.out_channels, ",), got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->scalar_type() == input.scalar_type(), "sep_conv: bias dtype ",
-                      bias->scalar_type(), " does not match input dtype ", input.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == input.device(), "sep_conv: bias is on ", bias->device(),
-                      " but input is on ", input.device());
+    TORCH_CHECK_VALUE(bias->scalar_type() == input.scalar_type(), "sep_conv: bias dtype ", bias->scalar_type(),
+                      " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == input.device(), "sep_conv: bias is on ", bias->device(), " but input is on ",
+                      input.device());
   }
   s.cg = s.in_channels / groups;
   s.kg = s.rank / groups;
@@ -130,8 +130,6 @@ Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passe
   tiling.max_rows = (H + n - 1) / n;
   return tiling;
 }
-
-
 
 // An empty tensor for a large result; with LOWRANK_HUGE_PAGES=1, backed by transparent huge
 // pages where Linux allows it. glibc serves allocations above 32 MiB with a fresh mmap on every

@@ -7,10 +7,10 @@
 // each side, so the horizontal taps read it without bounds checks.
 //
 // Forward: channels_last works on one output row (b, i) at a time, all channels at once (the
-// innermost loops run over contiguous channels, up to three taps per loop); NCHW works on one (b, c) plane at a time, the
-// innermost loops over contiguous columns. Backward: every thread owns a block of channels (all
-// batches and rows of them), so the input gradient can be accumulated in place and the weight
-// gradients need no reduction across threads. 16-bit inputs compute in float32.
+// innermost loops run over contiguous channels, up to three taps per loop); NCHW works on one (b, c) plane at a time,
+// the innermost loops over contiguous columns. Backward: every thread owns a block of channels (all batches and rows of
+// them), so the input gradient can be accumulated in place and the weight gradients need no reduction across threads.
+// 16-bit inputs compute in float32.
 #include "depthwise.h"
 
 #include <ATen/Dispatch.h>
@@ -62,12 +62,12 @@ at::ScalarType compute_type(at::ScalarType t) { return (t == at::kHalf || t == a
 // each pass one loop over contiguous channels, so out is loaded and stored once per three taps
 // and every loop vectorizes.
 template <typename T>
-inline void weighted_sum(T* __restrict out, const T* __restrict init, const T* const* src, const T* const* w,
-                         int64_t m, int64_t n) {
+inline void weighted_sum(T* __restrict out, const T* __restrict init, const T* const* src, const T* const* w, int64_t m,
+                         int64_t n) {
   int64_t k = 0;
   if (m >= 3) {
-    const T *__restrict s0 = src[0], *__restrict s1 = src[1], *__restrict s2 = src[2];
-    const T *__restrict w0 = w[0], *__restrict w1 = w[1], *__restrict w2 = w[2];
+    const T* __restrict s0 = src[0], * __restrict s1 = src[1], * __restrict s2 = src[2];
+    const T* __restrict w0 = w[0], * __restrict w1 = w[1], * __restrict w2 = w[2];
     if (init) {
       for (int64_t c = 0; c < n; ++c) out[c] = init[c] + w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c];
     } else {
@@ -75,7 +75,7 @@ inline void weighted_sum(T* __restrict out, const T* __restrict init, const T* c
     }
     k = 3;
   } else if (m == 2) {
-    const T *__restrict s0 = src[0], *__restrict s1 = src[1], *__restrict w0 = w[0], *__restrict w1 = w[1];
+    const T* __restrict s0 = src[0], * __restrict s1 = src[1], * __restrict w0 = w[0], * __restrict w1 = w[1];
     if (init) {
       for (int64_t c = 0; c < n; ++c) out[c] = init[c] + w0[c] * s0[c] + w1[c] * s1[c];
     } else {
@@ -83,7 +83,7 @@ inline void weighted_sum(T* __restrict out, const T* __restrict init, const T* c
     }
     k = 2;
   } else if (m == 1) {
-    const T *__restrict s0 = src[0], *__restrict w0 = w[0];
+    const T* __restrict s0 = src[0], * __restrict w0 = w[0];
     if (init) {
       for (int64_t c = 0; c < n; ++c) out[c] = init[c] + w0[c] * s0[c];
     } else {
@@ -96,12 +96,12 @@ inline void weighted_sum(T* __restrict out, const T* __restrict init, const T* c
     std::fill(out, out + n, T(0));
   }
   for (; k + 2 < m; k += 3) {
-    const T *__restrict s0 = src[k], *__restrict s1 = src[k + 1], *__restrict s2 = src[k + 2];
-    const T *__restrict w0 = w[k], *__restrict w1 = w[k + 1], *__restrict w2 = w[k + 2];
+    const T* __restrict s0 = src[k], * __restrict s1 = src[k + 1], * __restrict s2 = src[k + 2];
+    const T* __restrict w0 = w[k], * __restrict w1 = w[k + 1], * __restrict w2 = w[k + 2];
     for (int64_t c = 0; c < n; ++c) out[c] += w0[c] * s0[c] + w1[c] * s1[c] + w2[c] * s2[c];
   }
   for (; k < m; ++k) {
-    const T *__restrict s0 = src[k], *__restrict w0 = w[k];
+    const T* __restrict s0 = src[k], * __restrict w0 = w[k];
     for (int64_t c = 0; c < n; ++c) out[c] += w0[c] * s0[c];
   }
 }
@@ -221,7 +221,7 @@ void backward(const Dw& s, bool cl, const T* gy, const T* x, const T* wv, const 
       for (int64_t b = 0; b < s.B; ++b) {
         for (int64_t i = 0; i < s.Ho; ++i) {
           const T* gyr = gy + b * ys_b + i * ys_h + c0 * ys_c;
-          if (gwh) {  // recompute the intermediate row of this block
+          if (gwh) {                                                   // recompute the intermediate row of this block
             std::fill(tbuf.begin(), tbuf.begin() + s.wp() * n, T(0));  // n changes on the last block
             for (int64_t a = 0; a < s.dv; ++a) {
               const int64_t r = s.row(i, a);
@@ -357,10 +357,10 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_depthwise_backward(const Tensor& gra
   // at::zeros takes no memory format: zero an empty tensor of the input's layout instead.
   Tensor gx = output_mask[0] ? at::empty(input.sizes(), input.options().dtype(ct).memory_format(memory_format)).zero_()
                              : at::empty({0}, input.options());
-  Tensor gwv = output_mask[1] ? at::zeros(weight_v.sizes(), weight_v.options().dtype(ct))
-                              : at::empty({0}, weight_v.options());
-  Tensor gwh = output_mask[2] ? at::zeros(weight_h.sizes(), weight_h.options().dtype(ct))
-                              : at::empty({0}, weight_h.options());
+  Tensor gwv =
+      output_mask[1] ? at::zeros(weight_v.sizes(), weight_v.options().dtype(ct)) : at::empty({0}, weight_v.options());
+  Tensor gwh =
+      output_mask[2] ? at::zeros(weight_h.sizes(), weight_h.options().dtype(ct)) : at::empty({0}, weight_h.options());
   if (s.B > 0 && s.C > 0 && s.Ho > 0 && s.Wo > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
     const Tensor x = input.to(ct).contiguous(memory_format);
     const Tensor gy = grad_out.to(ct).contiguous(memory_format);

@@ -18,9 +18,9 @@ namespace lowrank {
 bool sep_conv_is_depthwise(const at::Tensor& input, const at::Tensor& weight_v, const at::Tensor& weight_h,
                            int64_t groups);
 
-at::Tensor sep_conv_depthwise_forward(const at::Tensor& input, const at::Tensor& weight_v,
-                                      const at::Tensor& weight_h, const std::optional<at::Tensor>& bias,
-                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+at::Tensor sep_conv_depthwise_forward(const at::Tensor& input, const at::Tensor& weight_v, const at::Tensor& weight_h,
+                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // Gradients for input, weight_v, weight_h; one not asked for in output_mask is an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sep_conv_depthwise_backward(

@@ -42,7 +42,7 @@ struct ForwardKernel {
   const SepConvShape& s;
   const In* x;
   In* y;
-  const Op* wvp;          // packed B operands per (group, tap)
+  const Op* wvp;  // packed B operands per (group, tap)
   const Op* whp;
   std::vector<Acc> bias;  // N values (zeros without bias)
   int64_t wv_block, wh_block;
@@ -176,8 +176,8 @@ struct ForwardKernel {
       gemm<Op>(m, s.ng, s.kg, tpad + j * s.dil_h * s.kg, s.stride_h * s.kg, wh + j * wh_block, cbuf, s.ng, j > 0);
     // 4. Bias and store.
     In* yb = y + b * s.out_channels * Ho * Wo;
-    store_pixel_rows<Acc, In, CL>(cbuf, Wv, s.ng, bias.data() + g * s.ng, rows, Wo, yb, s.out_channels, Ho,
-                                  g * s.ng, r0);
+    store_pixel_rows<Acc, In, CL>(cbuf, Wv, s.ng, bias.data() + g * s.ng, rows, Wo, yb, s.out_channels, Ho, g * s.ng,
+                                  r0);
   }
 
   // Whether stage 1 reads the input in place: channels_last, no conversion, every row inside.
@@ -185,7 +185,6 @@ struct ForwardKernel {
     return CL && std::is_same_v<In, Op> && top >= 0 && top + nin <= s.height;
   }
 };
-
 
 // NCHW float/double with horizontal stride 1 and a small Kg*dv: the same tiles computed channel-major, so that
 // the input planes and the output planes are GEMM operands in place (no transposes):
@@ -310,8 +309,8 @@ void run_forward_layout(const SepConvShape& s, const Tensor& x, const Tensor& wv
 }
 
 template <typename In, typename Op>
-void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& wv, const Tensor& wh,
-                 const Tensor& b, Tensor& y) {
+void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& wv, const Tensor& wh, const Tensor& b,
+                 Tensor& y) {
   if constexpr (std::is_same_v<In, Op> && !is_16bit<Op>()) {
     // The planar kernel saves the NCHW transposes (about one load and store per activation
     // against 2*Kg*dv FLOPs for stage 1) but reads B from Cg planes H*W apart; it was the faster
@@ -337,8 +336,8 @@ Tensor forward(const SepConvShape& s, const Tensor& input, const Tensor& weight_
                const std::optional<Tensor>& bias) {
   const auto memory_format = input.suggest_memory_format();
   const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
-  Tensor out = empty_result({s.batch, s.out_channels, s.out_height, s.out_width},
-                            input.options().memory_format(memory_format));
+  Tensor out =
+      empty_result({s.batch, s.out_channels, s.out_height, s.out_width}, input.options().memory_format(memory_format));
   if (out.numel() == 0) return out;
   const Tensor x = input.contiguous(memory_format);
   const Tensor wv = weight_v.contiguous(), wh = weight_h.contiguous();

@@ -47,8 +47,8 @@ inline bool native_16bit_ok(at::ScalarType dtype, int64_t k) {
 // oneDNN and BLAS take 32-bit dimensions: a call past that range is an error, not a wrap.
 inline void check_dims(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc) {
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldc <= kMax,
-              "sep_conv: a GEMM of this call (M=", m, ", N=", n, ", K=", k, ", lda=", lda, ", ldc=", ldc,
+  TORCH_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldc <= kMax, "sep_conv: a GEMM of this call (M=", m,
+              ", N=", n, ", K=", k, ", lda=", lda, ", ldc=", ldc,
               ") exceeds the 32-bit sizes oneDNN/BLAS accept; use a smaller input");
 }
 
@@ -65,8 +65,7 @@ void pack_b(int64_t k, int64_t n, const T* src, int64_t ld, T* dst) {
   if constexpr (is_16bit<T>()) {
     const auto dt = c10::CppTypeToScalarType<T>::value;
     for (int64_t n0 = 0; n0 < n; n0 += kVnniBlock)
-      at::native::cpublas::pack(k, std::min(kVnniBlock, n - n0), ld, kVnniBlock, dt, dt, src + n0,
-                                dst + n0 * k);
+      at::native::cpublas::pack(k, std::min(kVnniBlock, n - n0), ld, kVnniBlock, dt, dt, src + n0, dst + n0 * k);
   } else {
     for (int64_t r = 0; r < k; ++r) std::copy_n(src + r * ld, n, dst + r * n);
   }
@@ -75,8 +74,8 @@ void pack_b(int64_t k, int64_t n, const T* src, int64_t ld, T* dst) {
 // C (M x N, leading dimension ldc) = A (M x K, leading dimension lda) * B (K x N, row-major,
 // leading dimension ldb) [+ C if add_c]; float and double only (16-bit B must be packed).
 template <typename T>
-void gemm_rowmajor_b(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                     acc_t<T>* c, int64_t ldc, bool add_c) {
+void gemm_rowmajor_b(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, acc_t<T>* c,
+                     int64_t ldc, bool add_c) {
   static_assert(!is_16bit<T>(), "16-bit B operands must be packed (pack_b)");
   if (m <= 0 || n <= 0) return;
   check_dims(m, n, k, std::max(lda, ldb), ldc);
@@ -90,8 +89,7 @@ void gemm_rowmajor_b(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, c
 // C (M x N, leading dimension ldc) = A (M x K, leading dimension lda) * B [+ C if add_c], B
 // packed by pack_b.
 template <typename T>
-void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, acc_t<T>* c, int64_t ldc,
-          bool add_c) {
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, acc_t<T>* c, int64_t ldc, bool add_c) {
   if constexpr (is_16bit<T>()) {
     if (m <= 0 || n <= 0) return;
     check_dims(m, n, k, lda, ldc);

@@ -14,8 +14,8 @@ constexpr int64_t kBlock = 16;
 // dst (nin*W pixels x cg) = channels [c0, c0 + cg) of rows [top, top + nin) of one image
 // (C channels, H x W), converted to Op; rows outside [0, H) are zero.
 template <typename In, typename Op, bool CL>
-void load_pixel_rows(const In* img, int64_t C, int64_t H, int64_t W, int64_t c0, int64_t cg, int64_t top,
-                     int64_t nin, Op* dst) {
+void load_pixel_rows(const In* img, int64_t C, int64_t H, int64_t W, int64_t c0, int64_t cg, int64_t top, int64_t nin,
+                     Op* dst) {
   for (int64_t rr = 0; rr < nin; ++rr) {
     const int64_t h = top + rr;
     Op* d = dst + rr * W * cg;
@@ -47,8 +47,8 @@ void round_rows(const Acc* src, int64_t n, Op* dst) {
 // Output rows [r0, r0 + rows), channels [n0, n0 + ng) of one image (N channels, Ho x Wo) =
 // src (rows x ld_pix pixels x ng, the first Wo pixels of each row used) + bias, converted to Out.
 template <typename Acc, typename Out, bool CL>
-void store_pixel_rows(const Acc* src, int64_t ld_pix, int64_t ng, const Acc* bias, int64_t rows, int64_t Wo,
-                      Out* img, int64_t N, int64_t Ho, int64_t n0, int64_t r0) {
+void store_pixel_rows(const Acc* src, int64_t ld_pix, int64_t ng, const Acc* bias, int64_t rows, int64_t Wo, Out* img,
+                      int64_t N, int64_t Ho, int64_t n0, int64_t r0) {
   for (int64_t rr = 0; rr < rows; ++rr) {
     const Acc* s = src + rr * ld_pix * ng;
     if (CL) {

@@ -23,8 +23,7 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
                                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                                          at::IntArrayRef dilation, int64_t groups,
                                                          std::array<bool, 3> output_mask) {
-  const SepConvShape s =
-      check_sep_conv(input, weight_v, weight_h, std::nullopt, stride, padding, dilation, groups);
+  const SepConvShape s = check_sep_conv(input, weight_v, weight_h, std::nullopt, stride, padding, dilation, groups);
   TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == s.batch && grad_out.size(1) == s.out_channels &&
                         grad_out.size(2) == s.out_height && grad_out.size(3) == s.out_width,
                     "sep_conv_backward: grad_out has shape ", grad_out.sizes(), ", expected [", s.batch, ", ",

@@ -29,8 +29,8 @@ struct SepConvShape {
 
 // The one C++ place that validates sep_conv arguments (forward and backward share it).
 SepConvShape check_sep_conv(const Tensor& input, const Tensor& weight_v, const Tensor& weight_h,
-                            const std::optional<Tensor>& bias, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                            const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups);
 
 // How the output rows of one (batch, group) image are cut into tiles. Tile t covers rows
 // [t*H'/n, (t+1)*H'/n), so tile heights differ by at most one row.

@@ -44,8 +44,8 @@ class Scratch {
   static size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }
   void check(size_t used) const;
 
-  Kept* kept_ = nullptr;                 // the thread's slot, if this Scratch holds it
-  std::unique_ptr<std::byte[]> own_;     // private allocation otherwise
+  Kept* kept_ = nullptr;              // the thread's slot, if this Scratch holds it
+  std::unique_ptr<std::byte[]> own_;  // private allocation otherwise
   std::byte* base_ = nullptr;
   size_t size_ = 0, used_ = 0;
 };
