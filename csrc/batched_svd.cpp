@@ -42,8 +42,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
+#include <atomic>
 #include <limits>
 #include <optional>
 #include <string>

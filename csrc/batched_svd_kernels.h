@@ -13,11 +13,11 @@ namespace {
 
 constexpr int kVectorBytes = LOWRANK_SVD_VECTOR_BYTES;
 
-#include "batched_svd_driver.h"
-#include "batched_svd_gram.h"
-#include "batched_svd_jacobi.h"
 #include "batched_svd_lanes.h"
+#include "batched_svd_jacobi.h"
 #include "batched_svd_tridiag.h"
+#include "batched_svd_gram.h"
+#include "batched_svd_driver.h"
 
 // float32 up to 8 x 8: float lanes (twice the matrices per instruction); float32 beyond: the Gram
 // route in double lanes; float64: Jacobi in double lanes.
