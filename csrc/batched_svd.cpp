@@ -35,7 +35,7 @@
 //
 // The lanes follow the vector width of the CPU the call runs on (lowrank::cpu_capability():
 // 8 doubles / 16 floats with AVX-512, 4 / 8 with AVX2, 2 / 4 otherwise; with AVX-512 the float32
-// Gram route keeps 4-double lanes, which measured faster for it); the kernels are one source
+// Gram route keeps 4-double lanes, which are faster for it); the kernels are one source
 // (batched_svd_kernels.h) compiled per level and width in batched_svd_<level>.cpp. This file holds
 // the argument checks, the LAPACK fallback, the dispatch and the op registrations.
 #include <ATen/ATen.h>
@@ -57,10 +57,10 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kFloatLanesMaxSize = 8;
-// Beyond min(m, n) = 64 a per-matrix LAPACK call (gesdd) is faster than Jacobi here
-// (measured: 0.45x at 64 x 64 single-threaded CPU time, 0.2x at 128 x 128), so larger
-// matrices take LAPACK, with this op's contract applied on top (NaN rows, signs, truncation).
-// (The float32 Gram route is faster than LAPACK at 64 x 64 but keeps the same limit.)
+// Beyond min(m, n) = 64 a per-matrix LAPACK call (gesdd) is faster than Jacobi (Jacobi's
+// sweeps grow as n^3 per sweep with more sweeps), so larger matrices take LAPACK, with this op's contract applied on
+// top (NaN rows, signs, truncation). (The float32 Gram route is faster than LAPACK at 64 x 64 but keeps the same
+// limit.)
 constexpr int64_t kJacobiMaxSize = 64;
 
 std::tuple<Tensor, Tensor, Tensor> lapack_fallback(const Tensor& A, int64_t rank) {
@@ -118,9 +118,8 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   const Tensor Ac = A.contiguous();
   std::atomic<int64_t> failed{std::numeric_limits<int64_t>::max()};
   // float32: float-lane Jacobi up to 8 x 8 (d x d kernel slices, 8 x 8 blocks; twice the matrices
-  // per instruction, rotation rounding ~3e-6 there), the Gram route beyond (3-5x faster than
-  // Jacobi in double lanes from 16 x 16 on). float64: Jacobi in double lanes (the Gram route cannot
-  // reach 1e-12 for ill-conditioned input).
+  // per instruction, rotation rounding ~3e-6 there), the Gram route beyond (about a ninth of Jacobi's flops). float64:
+  // Jacobi in double lanes (the Gram route cannot reach 1e-12 for ill-conditioned input).
   const bool gram = A.scalar_type() == at::kFloat && std::max(m, n) > kFloatLanesMaxSize;
   const svd::SvdCall call{Ac.const_data_ptr(),
                           U.mutable_data_ptr(),
@@ -137,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> batched_svd_cpu(const Tensor& A, std::optiona
   switch (cpu_capability()) {
 #if defined(__x86_64__)
     case CpuCapability::AVX512:
-      // Gram route: 4-double lanes (8 measured slower there, see batched_svd_avx512_256.cpp).
+      // Gram route: 4-double lanes (8 are slower there, see batched_svd_avx512_256.cpp).
       if (gram && !svd_force_512()) {
         svd::run_avx512_256(call);
       } else {

@@ -1,5 +1,5 @@
 // The batched SVD kernels for AVX-512 CPUs at 32-byte lanes (4 doubles, 8 floats; AVX-512VL
-// encodings, 32 vector registers). The float32 Gram route runs here: 8-double lanes measured slower
+// encodings, 32 vector registers). The float32 Gram route runs here: 8-double lanes are slower
 // for it (every group's QR iteration runs until its slowest lane has converged, and the per-group
 // buffers double in size). Called only when lowrank::cpu_capability() allows AVX-512.
 #if defined(__x86_64__)

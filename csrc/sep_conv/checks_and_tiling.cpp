@@ -133,11 +133,10 @@ Tiling choose_tiling(const SepConvShape& s, int64_t bytes_per_row, int64_t passe
 
 // An empty tensor for a large result; with LOWRANK_HUGE_PAGES=1, backed by transparent huge
 // pages where Linux allows it. glibc serves allocations above 32 MiB with a fresh mmap on every
-// call, and faulting one in 4 KiB at a time took 30-45 ms per 98 MiB on the benchmark machine
-// (a batch-8 conv1_2 output: about half of sep_conv's time); huge pages took 7-15 ms when the
-// memory was recycled quickly, but 135-175 ms after the process idled a few seconds (the VM's
-// free-page reporting hands freed 2 MiB blocks back to the host). So it is opt-in, as PyTorch's
-// own THP_MEM_ALLOC_ENABLE is; smaller buffers come back already faulted from the heap.
+// call, and faulting it in 4 KiB pages is a large share of a wide early layer's time; huge pages
+// fault faster, but on VMs with free-page reporting the host reclaims freed 2 MiB blocks and they
+// can be slower (docs/cpu-kernels.md). So it is opt-in, as PyTorch's own THP_MEM_ALLOC_ENABLE is;
+// smaller buffers come back already faulted from the heap.
 Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Tensor t = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

@@ -313,8 +313,9 @@ void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& 
                  Tensor& y) {
   if constexpr (std::is_same_v<In, Op> && !is_16bit<Op>()) {
     // The planar kernel saves the NCHW transposes (about one load and store per activation
-    // against 2*Kg*dv FLOPs for stage 1) but reads B from Cg planes H*W apart; it was the faster
-    // one on VGG-16 layers with Kg*dv of 72-144 and 10-20% slower at 384-576.
+    // against 2*Kg*dv FLOPs for stage 1) but reads B from Cg planes H*W apart, which costs more
+    // as Kg*dv grows: it is used below Kg*dv = 256 (the crossover on VGG-16 layers, in
+    // bench/results.csv).
     if (!cl && s.stride_h == 1 && s.kg * s.dv < 256) {
       PlanarForwardKernel<In> k(s, x.data_ptr<In>(), y.data_ptr<In>());
       Scratch scratch(Scratch::kCall, Scratch::bytes_for<In>(k.packed_elems()));
