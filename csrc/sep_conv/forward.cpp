@@ -314,8 +314,7 @@ void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& 
   if constexpr (std::is_same_v<In, Op> && !is_16bit<Op>()) {
     // The planar kernel saves the NCHW transposes (about one load and store per activation
     // against 2*Kg*dv FLOPs for stage 1) but reads B from Cg planes H*W apart, which costs more
-    // as Kg*dv grows: it is used below Kg*dv = 256 (the crossover on VGG-16 layers, in
-    // bench/results.csv).
+    // as Kg*dv grows: it is used below Kg*dv = 256 (the crossover on VGG-16 layers).
     if (!cl && s.stride_h == 1 && s.kg * s.dv < 256) {
       PlanarForwardKernel<In> k(s, x.data_ptr<In>(), y.data_ptr<In>());
       Scratch scratch(Scratch::kCall, Scratch::bytes_for<In>(k.packed_elems()));
