@@ -16,10 +16,11 @@ def _as_int(value: object) -> int | None:
     integer, anything with __index__), else None; bools and tensors are not sizes."""
     if isinstance(value, bool | torch.Tensor):
         return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    if isinstance(value, int):
+        return value
+    # No exception on the common path: torch.compile traces this function, and some torch
+    # versions' Dynamo cannot trace a TypeError raised and caught here.
+    return operator.index(value) if hasattr(type(value), "__index__") else None
 
 
 def _pair(value: IntOrPair, name: str) -> list[int]:
