@@ -80,30 +80,15 @@ struct BackwardKernel {
     wh_kn = call_scratch->take<Op>(nh);
     acc = call_scratch->take<Acc>(n_slots * per_slot);
     std::fill_n(acc, n_slots * per_slot, Acc(0));
-    // Weights read in order, in 16 x 32 blocks whose scattered writes stay in L1.
-    const int64_t kblocks = (s.kg + 15) / 16, nblocks = (s.ng + 15) / 16;
-    at::parallel_for(0, s.groups * (kblocks + nblocks), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / (kblocks + nblocks), blk = task % (kblocks + nblocks);
-        if (blk < kblocks) {
-          for (int64_t c0 = 0; c0 < s.cg; c0 += 32)
-            for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
-              for (int64_t c = c0; c < std::min(s.cg, c0 + 32); ++c)
-                for (int64_t i = 0; i < s.dv; ++i) {
-                  const Op v = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
-                  wv_ck[(g * s.dv + i) * vblk + c * s.kg + k] = v;
-                  wv_kc[(g * s.dv + i) * vblk + k * s.cg + c] = v;
-                }
-        } else {
-          const int64_t n0 = (blk - kblocks) * 16;
-          for (int64_t k0 = 0; k0 < s.kg; k0 += 32)
-            for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
-              for (int64_t k = k0; k < std::min(s.kg, k0 + 32); ++k)
-                for (int64_t j = 0; j < s.dh; ++j)
-                  wh_kn[(g * s.dh + j) * hblk + k * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
-        }
-      }
-    });
+    for_each_weight(
+        s, wv, wh,
+        [&](int64_t g, int64_t i, int64_t c, int64_t k, auto w) {
+          wv_ck[(g * s.dv + i) * vblk + c * s.kg + k] = Op(w);
+          wv_kc[(g * s.dv + i) * vblk + k * s.cg + c] = Op(w);
+        },
+        [&](int64_t g, int64_t j, int64_t k, int64_t n, auto w) {
+          wh_kn[(g * s.dh + j) * hblk + k * s.ng + n] = Op(w);
+        });
   }
 
   int64_t wv_numel() const { return need_wv ? s.groups * s.dv * s.kg * s.cg : 0; }

@@ -67,26 +67,10 @@ struct ForwardKernel {
     std::vector<Op> rowmajor(plain ? 0 : s.groups * (s.dv * s.cg * s.kg + s.dh * s.kg * s.ng));
     Op* rv = plain ? pv : rowmajor.data();
     Op* rh = plain ? ph : rowmajor.data() + s.groups * s.dv * s.cg * s.kg;
-    const int64_t kblocks = (s.kg + 15) / 16, nblocks = (s.ng + 15) / 16;
-    at::parallel_for(0, s.groups * (kblocks + nblocks), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / (kblocks + nblocks), blk = task % (kblocks + nblocks);
-        if (blk < kblocks) {
-          for (int64_t c0 = 0; c0 < s.cg; c0 += 32)
-            for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
-              for (int64_t c = c0; c < std::min(s.cg, c0 + 32); ++c)
-                for (int64_t i = 0; i < s.dv; ++i)
-                  rv[((g * s.dv + i) * s.cg + c) * s.kg + k] = Op(wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
-        } else {
-          const int64_t n0 = (blk - kblocks) * 16;
-          for (int64_t k0 = 0; k0 < s.kg; k0 += 32)
-            for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
-              for (int64_t k = k0; k < std::min(s.kg, k0 + 32); ++k)
-                for (int64_t j = 0; j < s.dh; ++j)
-                  rh[((g * s.dh + j) * s.kg + k) * s.ng + n] = Op(wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
-        }
-      }
-    });
+    for_each_weight(
+        s, wv, wh,
+        [&](int64_t g, int64_t i, int64_t c, int64_t k, In w) { rv[((g * s.dv + i) * s.cg + c) * s.kg + k] = Op(w); },
+        [&](int64_t g, int64_t j, int64_t k, int64_t n, In w) { rh[((g * s.dh + j) * s.kg + k) * s.ng + n] = Op(w); });
     if constexpr (!plain) {
       at::parallel_for(0, s.groups * (s.dv + s.dh), 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {

@@ -3,6 +3,8 @@
 // a transpose; it runs in kBlock x kBlock blocks so that both sides stay in L1.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -65,6 +67,31 @@ void store_pixel_rows(const Acc* src, int64_t ld_pix, int64_t ng, const Acc* bia
         }
     }
   }
+}
+
+// Visits every weight once for repacking: put_v(g, i, c, k, w) for weight_v[g*Kg + k][c][i] and
+// put_h(g, j, k, n, w) for weight_h[g*Ng + n][k][j]. The weights are read in order, in 16 x 32
+// blocks whose scattered writes stay in L1, in parallel over groups and blocks.
+template <typename Shape, typename In, typename PutV, typename PutH>
+void for_each_weight(const Shape& s, const In* wv, const In* wh, PutV put_v, PutH put_h) {
+  const int64_t kblocks = (s.kg + 15) / 16, nblocks = (s.ng + 15) / 16;
+  at::parallel_for(0, s.groups * (kblocks + nblocks), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / (kblocks + nblocks), blk = task % (kblocks + nblocks);
+      if (blk < kblocks) {
+        for (int64_t c0 = 0; c0 < s.cg; c0 += 32)
+          for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
+            for (int64_t c = c0; c < std::min(s.cg, c0 + 32); ++c)
+              for (int64_t i = 0; i < s.dv; ++i) put_v(g, i, c, k, wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
+      } else {
+        const int64_t n0 = (blk - kblocks) * 16;
+        for (int64_t k0 = 0; k0 < s.kg; k0 += 32)
+          for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
+            for (int64_t k = k0; k < std::min(s.kg, k0 + 32); ++k)
+              for (int64_t j = 0; j < s.dh; ++j) put_h(g, j, k, n, wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
+      }
+    }
+  });
 }
 
 }  // namespace sep_conv
