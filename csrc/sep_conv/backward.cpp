@@ -80,15 +80,14 @@ struct BackwardKernel {
     wh_kn = call_scratch->take<Op>(nh);
     acc = call_scratch->take<Acc>(n_slots * per_slot);
     std::fill_n(acc, n_slots * per_slot, Acc(0));
-    for_each_weight(
-        s, wv, wh,
-        [&](int64_t g, int64_t i, int64_t c, int64_t k, auto w) {
-          wv_ck[(g * s.dv + i) * vblk + c * s.kg + k] = Op(w);
-          wv_kc[(g * s.dv + i) * vblk + k * s.cg + c] = Op(w);
-        },
-        [&](int64_t g, int64_t j, int64_t k, int64_t n, auto w) {
-          wh_kn[(g * s.dh + j) * hblk + k * s.ng + n] = Op(w);
-        });
+    parallel_over_row_blocks(s.groups, s.kg, [&](int64_t g, int64_t r0, int64_t r1) {
+      const In* src = wv + g * s.kg * s.cg * s.dv;
+      split_taps_transposed(src, s.kg, s.cg, s.dv, wv_ck + g * s.dv * vblk, r0, r1);
+      split_taps(src, s.kg, s.cg, s.dv, wv_kc + g * s.dv * vblk, r0, r1);
+    });
+    parallel_over_row_blocks(s.groups, s.ng, [&](int64_t g, int64_t r0, int64_t r1) {
+      split_taps_transposed(wh + g * s.ng * s.kg * s.dh, s.ng, s.kg, s.dh, wh_kn + g * s.dh * hblk, r0, r1);
+    });
   }
 
   int64_t wv_numel() const { return need_wv ? s.groups * s.dv * s.kg * s.cg : 0; }

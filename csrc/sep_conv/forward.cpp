@@ -25,6 +25,7 @@
 
 #include "micro_gemm.h"
 #include "pixel_layout.h"
+#include "weight_cache.h"
 #include "workspace.h"
 
 #include <algorithm>
@@ -58,19 +59,21 @@ struct ForwardKernel {
 
   // Weight B operands: stage 1 tap i of group g is (Cg x Kg), B[c][k] = wv[g*Kg + k][c][i];
   // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j]. Written row-major (the weights
-  // read in order, in 16 x 32 blocks whose scattered writes stay in L1), then
-  // packed where the 16-bit kernels need it.
-  void pack_weights(const In* wv, const In* wh, const In* b, Op* packed) {
+  // transposed per tap by pixel_layout.h's split_taps_transposed), then packed where the
+  // 16-bit kernels need it.
+  void pack_weights(const In* wv, const In* wh, Op* packed) const {
     Op* pv = packed;
     Op* ph = packed + s.groups * s.dv * wv_block;
     constexpr bool plain = !is_16bit<Op>();  // packed form == row-major
     std::vector<Op> rowmajor(plain ? 0 : s.groups * (s.dv * s.cg * s.kg + s.dh * s.kg * s.ng));
     Op* rv = plain ? pv : rowmajor.data();
     Op* rh = plain ? ph : rowmajor.data() + s.groups * s.dv * s.cg * s.kg;
-    for_each_weight(
-        s, wv, wh,
-        [&](int64_t g, int64_t i, int64_t c, int64_t k, In w) { rv[((g * s.dv + i) * s.cg + c) * s.kg + k] = Op(w); },
-        [&](int64_t g, int64_t j, int64_t k, int64_t n, In w) { rh[((g * s.dh + j) * s.kg + k) * s.ng + n] = Op(w); });
+    parallel_over_row_blocks(s.groups, s.kg, [&](int64_t g, int64_t r0, int64_t r1) {
+      split_taps_transposed(wv + g * s.kg * s.cg * s.dv, s.kg, s.cg, s.dv, rv + g * s.dv * s.cg * s.kg, r0, r1);
+    });
+    parallel_over_row_blocks(s.groups, s.ng, [&](int64_t g, int64_t r0, int64_t r1) {
+      split_taps_transposed(wh + g * s.ng * s.kg * s.dh, s.ng, s.kg, s.dh, rh + g * s.dh * s.kg * s.ng, r0, r1);
+    });
     if constexpr (!plain) {
       at::parallel_for(0, s.groups * (s.dv + s.dh), 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
@@ -83,8 +86,11 @@ struct ForwardKernel {
         }
       });
     }
-    wvp = pv;
-    whp = ph;
+  }
+
+  void use_weights(const Op* packed, const In* b) {
+    wvp = packed;
+    whp = packed + s.groups * s.dv * wv_block;
     bias.assign(s.out_channels, Acc(0));
     if (b)
       for (int64_t n = 0; n < s.out_channels; ++n) bias[n] = Acc(b[n]);
@@ -192,7 +198,7 @@ struct PlanarForwardKernel {
   }
   int64_t packed_elems() const { return s.groups * (s.dv * s.kg * s.cg + s.dh * s.ng * s.kg); }
 
-  void pack_weights(const T* wv, const T* wh, const T* b, T* packed) {
+  void pack_weights(const T* wv, const T* wh, T* packed) const {
     T* pv = packed;
     T* ph = packed + s.groups * s.dv * s.kg * s.cg;
     at::parallel_for(0, s.groups * (s.kg + s.ng), 16, [&](int64_t begin, int64_t end) {
@@ -210,8 +216,11 @@ struct PlanarForwardKernel {
         }
       }
     });
-    wv_kc = pv;
-    wh_nk = ph;
+  }
+
+  void use_weights(const T* packed, const T* b) {
+    wv_kc = packed;
+    wh_nk = packed + s.groups * s.dv * s.kg * s.cg;
     bias.assign(s.out_channels, T(0));
     if (b) std::copy_n(b, s.out_channels, bias.data());
   }
@@ -282,15 +291,32 @@ struct PlanarForwardKernel {
   }
 };
 
-template <typename In, typename Op, bool CL>
-void run_forward_layout(const SepConvShape& s, const Tensor& x, const Tensor& wv, const Tensor& wh, const Tensor& b,
-                        Tensor& y) {
-  ForwardKernel<In, Op, CL> k(s, x.data_ptr<In>(), y.data_ptr<In>());
-  Scratch scratch(Scratch::kCall, Scratch::bytes_for<Op>(k.packed_elems()));
-  k.pack_weights(wv.data_ptr<In>(), wh.data_ptr<In>(), b.defined() ? b.data_ptr<In>() : nullptr,
-                 scratch.take<Op>(k.packed_elems()));
+// Packs the weights for kernel k (or takes them from the PackedWeightCache) and runs it.
+template <typename Op, typename Kernel, typename In>
+void pack_and_run(Kernel& k, int layout, const SepConvShape& s, const Tensor& wv, const Tensor& wh, const Tensor& b) {
+  const In* bias = b.defined() ? b.data_ptr<In>() : nullptr;
+  const int64_t n = k.packed_elems();
+  const PackKey key{layout,
+                    int64_t(sizeof(Op)),
+                    wv.data_ptr(),
+                    wh.data_ptr(),
+                    {s.groups, s.cg, s.kg, s.ng, s.dv, s.dh, int64_t(wv.scalar_type())}};
+  const auto cached = PackedWeightCache::get(key, wv, wh, n * sizeof(Op), [&](std::byte* dst) {
+    k.pack_weights(wv.data_ptr<In>(), wh.data_ptr<In>(), reinterpret_cast<Op*>(dst));
+  });
+  if (cached) {
+    k.use_weights(reinterpret_cast<const Op*>(cached.get()), bias);
+    k.run();
+    return;
+  }
+  Scratch scratch(Scratch::kCall, Scratch::bytes_for<Op>(n));
+  Op* packed = scratch.take<Op>(n);
+  k.pack_weights(wv.data_ptr<In>(), wh.data_ptr<In>(), packed);
+  k.use_weights(packed, bias);
   k.run();
 }
+
+enum Layout { kPixelLayout = 0, kPlanarLayout = 1 };
 
 template <typename In, typename Op>
 void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& wv, const Tensor& wh, const Tensor& b,
@@ -301,17 +327,17 @@ void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& 
     // as Kg*dv grows: it is used below Kg*dv = 256 (the crossover on VGG-16 layers).
     if (!cl && s.stride_h == 1 && s.kg * s.dv < 256) {
       PlanarForwardKernel<In> k(s, x.data_ptr<In>(), y.data_ptr<In>());
-      Scratch scratch(Scratch::kCall, Scratch::bytes_for<In>(k.packed_elems()));
-      k.pack_weights(wv.data_ptr<In>(), wh.data_ptr<In>(), b.defined() ? b.data_ptr<In>() : nullptr,
-                     scratch.take<In>(k.packed_elems()));
-      k.run();
+      pack_and_run<In, PlanarForwardKernel<In>, In>(k, kPlanarLayout, s, wv, wh, b);
       return;
     }
   }
-  if (cl)
-    run_forward_layout<In, Op, true>(s, x, wv, wh, b, y);
-  else
-    run_forward_layout<In, Op, false>(s, x, wv, wh, b, y);
+  if (cl) {
+    ForwardKernel<In, Op, true> k(s, x.data_ptr<In>(), y.data_ptr<In>());
+    pack_and_run<Op, ForwardKernel<In, Op, true>, In>(k, kPixelLayout, s, wv, wh, b);
+  } else {
+    ForwardKernel<In, Op, false> k(s, x.data_ptr<In>(), y.data_ptr<In>());
+    pack_and_run<Op, ForwardKernel<In, Op, false>, In>(k, kPixelLayout, s, wv, wh, b);
+  }
 }
 
 }  // namespace

@@ -69,27 +69,46 @@ void store_pixel_rows(const Acc* src, int64_t ld_pix, int64_t ng, const Acc* bia
   }
 }
 
-// Visits every weight once for repacking: put_v(g, i, c, k, w) for weight_v[g*Kg + k][c][i] and
-// put_h(g, j, k, n, w) for weight_h[g*Ng + n][k][j]. The weights are read in order, in 16 x 32
-// blocks whose scattered writes stay in L1, in parallel over groups and blocks.
-template <typename Shape, typename In, typename PutV, typename PutH>
-void for_each_weight(const Shape& s, const In* wv, const In* wh, PutV put_v, PutH put_h) {
-  const int64_t kblocks = (s.kg + 15) / 16, nblocks = (s.ng + 15) / 16;
-  at::parallel_for(0, s.groups * (kblocks + nblocks), 1, [&](int64_t begin, int64_t end) {
+// Weight repacking. A weight tensor of one group is an (R, Cc, T) array src[r][c][t] (R output
+// channels, Cc input channels, T taps). Each tap t becomes its own matrix, converted to Op:
+//   split_taps_transposed: dst[t] is Cc x R, dst[(t * Cc + c) * R + r] = src[r][c][t];
+//   split_taps:            dst[t] is R x Cc, dst[(t * R + r) * Cc + c] = src[r][c][t];
+// both for the rows r in [r_begin, r_end). The transpose runs in kBlock x kBlock blocks with r
+// innermost, so each destination line is written in one burst while the block's source lines
+// stay in L1 (a loop that writes each line one element per pass keeps dozens of lines live,
+// and with R a multiple of 128 floats they fall into the same few L1 sets and thrash).
+template <typename In, typename Op>
+void split_taps_transposed(const In* src, int64_t R, int64_t Cc, int64_t T, Op* dst, int64_t r_begin, int64_t r_end) {
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kBlock)
+    for (int64_t c0 = 0; c0 < Cc; c0 += kBlock) {
+      const int64_t re = std::min(r_end, r0 + kBlock), ce = std::min(Cc, c0 + kBlock);
+      for (int64_t c = c0; c < ce; ++c)
+        for (int64_t t = 0; t < T; ++t) {
+          Op* d = dst + (t * Cc + c) * R;
+          for (int64_t r = r0; r < re; ++r) d[r] = Op(src[(r * Cc + c) * T + t]);
+        }
+    }
+}
+
+template <typename In, typename Op>
+void split_taps(const In* src, int64_t R, int64_t Cc, int64_t T, Op* dst, int64_t r_begin, int64_t r_end) {
+  for (int64_t r = r_begin; r < r_end; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      Op* d = dst + (t * R + r) * Cc;
+      const In* row = src + r * Cc * T + t;
+      for (int64_t c = 0; c < Cc; ++c) d[c] = Op(row[c * T]);
+    }
+}
+
+// Runs f(g, r_begin, r_end) in parallel over the rows [0, R) of each of `groups` groups, in
+// chunks of whole kBlock-row blocks.
+template <typename F>
+void parallel_over_row_blocks(int64_t groups, int64_t R, const F& f) {
+  const int64_t blocks = (R + kBlock - 1) / kBlock;
+  at::parallel_for(0, groups * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / (kblocks + nblocks), blk = task % (kblocks + nblocks);
-      if (blk < kblocks) {
-        for (int64_t c0 = 0; c0 < s.cg; c0 += 32)
-          for (int64_t k = blk * 16; k < std::min(s.kg, blk * 16 + 16); ++k)
-            for (int64_t c = c0; c < std::min(s.cg, c0 + 32); ++c)
-              for (int64_t i = 0; i < s.dv; ++i) put_v(g, i, c, k, wv[((g * s.kg + k) * s.cg + c) * s.dv + i]);
-      } else {
-        const int64_t n0 = (blk - kblocks) * 16;
-        for (int64_t k0 = 0; k0 < s.kg; k0 += 32)
-          for (int64_t n = n0; n < std::min(s.ng, n0 + 16); ++n)
-            for (int64_t k = k0; k < std::min(s.kg, k0 + 32); ++k)
-              for (int64_t j = 0; j < s.dh; ++j) put_h(g, j, k, n, wh[((g * s.ng + n) * s.kg + k) * s.dh + j]);
-      }
+      const int64_t g = task / blocks, r0 = task % blocks * kBlock;
+      f(g, r0, std::min(R, r0 + kBlock));
     }
   });
 }
