@@ -93,6 +93,24 @@ def test_same_memory_with_other_shapes_and_groups():
     _check(x, flat_v.view(8, 16, 3, 1), flat_h.view(16, 8, 1, 3), None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_and_permuted_weights(dtype):
+    # Dense weights in another order (a model moved to channels_last) are read through their
+    # strides; the same bytes seen in another order are a different weight.
+    x = _input(16, dtype, torch.channels_last)
+    wv, wh = _weights(16, 8, 12, 1, dtype, seed=30)
+    wv_cl, wh_cl = (w.contiguous(memory_format=torch.channels_last) for w in (wv, wh))
+    assert not wv_cl.is_contiguous() and not wh_cl.is_contiguous()
+    _check(x, wv_cl, wh_cl, None)
+    _check(x, wv_cl, wh_cl, None)
+    wv_cl.data.mul_(-0.5)
+    _check(x, wv_cl, wh_cl, None)
+    # wh's bytes as a (12, 8, 1, 3) tensor in a permuted order: same address, other weight.
+    wh_perm = wh_cl.as_strided((12, 8, 1, 3), (1, 36, 3, 12))
+    _check(x, wv_cl, wh_perm, None)
+    _check(x, wv_cl, wh_cl, None)
+
+
 def test_weights_of_many_layers():
     # More distinct weight pairs than any small cache holds, each called twice in turn.
     layers = [_weights(16, 8, 12, 1, torch.float32, seed) for seed in range(12)]
@@ -125,6 +143,7 @@ for dtype in t.DTYPES:
     for fmt in t.FORMATS:
         t.test_writes_that_bump_no_version_counter(dtype, fmt)
     t.test_new_weights_at_a_reused_address(dtype)
+    t.test_channels_last_and_permuted_weights(dtype)
 t.test_same_memory_with_other_shapes_and_groups()
 t.test_weights_of_many_layers()
 t.test_weights_that_change_every_call_then_settle()

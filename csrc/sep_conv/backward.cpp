@@ -80,13 +80,14 @@ struct BackwardKernel {
     wh_kn = call_scratch->take<Op>(nh);
     acc = call_scratch->take<Acc>(n_slots * per_slot);
     std::fill_n(acc, n_slots * per_slot, Acc(0));
+    const WeightTaps<In> v{wv, s.kg, s.cg, s.dv, s.cg * s.dv, s.dv, 1};
+    const WeightTaps<In> h{wh, s.ng, s.kg, s.dh, s.kg * s.dh, s.dh, 1};
     parallel_over_row_blocks(s.groups, s.kg, [&](int64_t g, int64_t r0, int64_t r1) {
-      const In* src = wv + g * s.kg * s.cg * s.dv;
-      split_taps_transposed(src, s.kg, s.cg, s.dv, wv_ck + g * s.dv * vblk, r0, r1);
-      split_taps(src, s.kg, s.cg, s.dv, wv_kc + g * s.dv * vblk, r0, r1);
+      split_taps_transposed(v.group(g), wv_ck + g * s.dv * vblk, r0, r1);
+      split_taps(v.group(g), wv_kc + g * s.dv * vblk, r0, r1);
     });
     parallel_over_row_blocks(s.groups, s.ng, [&](int64_t g, int64_t r0, int64_t r1) {
-      split_taps_transposed(wh + g * s.ng * s.kg * s.dh, s.ng, s.kg, s.dh, wh_kn + g * s.dh * hblk, r0, r1);
+      split_taps_transposed(h.group(g), wh_kn + g * s.dh * hblk, r0, r1);
     });
   }
 

@@ -61,7 +61,7 @@ struct ForwardKernel {
   // stage 2 tap j is (Kg x Ng), B[k][n] = wh[g*Ng + n][k][j]. Written row-major (the weights
   // transposed per tap by pixel_layout.h's split_taps_transposed), then packed where the
   // 16-bit kernels need it.
-  void pack_weights(const In* wv, const In* wh, Op* packed) const {
+  void pack_weights(const WeightTaps<In>& wv, const WeightTaps<In>& wh, Op* packed) const {
     Op* pv = packed;
     Op* ph = packed + s.groups * s.dv * wv_block;
     constexpr bool plain = !is_16bit<Op>();  // packed form == row-major
@@ -69,10 +69,10 @@ struct ForwardKernel {
     Op* rv = plain ? pv : rowmajor.data();
     Op* rh = plain ? ph : rowmajor.data() + s.groups * s.dv * s.cg * s.kg;
     parallel_over_row_blocks(s.groups, s.kg, [&](int64_t g, int64_t r0, int64_t r1) {
-      split_taps_transposed(wv + g * s.kg * s.cg * s.dv, s.kg, s.cg, s.dv, rv + g * s.dv * s.cg * s.kg, r0, r1);
+      split_taps_transposed(wv.group(g), rv + g * s.dv * s.cg * s.kg, r0, r1);
     });
     parallel_over_row_blocks(s.groups, s.ng, [&](int64_t g, int64_t r0, int64_t r1) {
-      split_taps_transposed(wh + g * s.ng * s.kg * s.dh, s.ng, s.kg, s.dh, rh + g * s.dh * s.kg * s.ng, r0, r1);
+      split_taps_transposed(wh.group(g), rh + g * s.dh * s.kg * s.ng, r0, r1);
     });
     if constexpr (!plain) {
       at::parallel_for(0, s.groups * (s.dv + s.dh), 1, [&](int64_t begin, int64_t end) {
@@ -198,23 +198,14 @@ struct PlanarForwardKernel {
   }
   int64_t packed_elems() const { return s.groups * (s.dv * s.kg * s.cg + s.dh * s.ng * s.kg); }
 
-  void pack_weights(const T* wv, const T* wh, T* packed) const {
+  void pack_weights(const WeightTaps<T>& wv, const WeightTaps<T>& wh, T* packed) const {
     T* pv = packed;
     T* ph = packed + s.groups * s.dv * s.kg * s.cg;
-    at::parallel_for(0, s.groups * (s.kg + s.ng), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / (s.kg + s.ng), r = task % (s.kg + s.ng);
-        if (r < s.kg) {
-          for (int64_t c = 0; c < s.cg; ++c)
-            for (int64_t i = 0; i < s.dv; ++i)
-              pv[((g * s.dv + i) * s.kg + r) * s.cg + c] = wv[((g * s.kg + r) * s.cg + c) * s.dv + i];
-        } else {
-          const int64_t n = r - s.kg;
-          for (int64_t k = 0; k < s.kg; ++k)
-            for (int64_t j = 0; j < s.dh; ++j)
-              ph[((g * s.dh + j) * s.ng + n) * s.kg + k] = wh[((g * s.ng + n) * s.kg + k) * s.dh + j];
-        }
-      }
+    parallel_over_row_blocks(s.groups, s.kg, [&](int64_t g, int64_t r0, int64_t r1) {
+      split_taps(wv.group(g), pv + g * s.dv * s.kg * s.cg, r0, r1);
+    });
+    parallel_over_row_blocks(s.groups, s.ng, [&](int64_t g, int64_t r0, int64_t r1) {
+      split_taps(wh.group(g), ph + g * s.dh * s.ng * s.kg, r0, r1);
     });
   }
 
@@ -295,15 +286,17 @@ struct PlanarForwardKernel {
 template <typename Op, typename Kernel, typename In>
 void pack_and_run(Kernel& k, int layout, const SepConvShape& s, const Tensor& wv, const Tensor& wh, const Tensor& b) {
   const In* bias = b.defined() ? b.data_ptr<In>() : nullptr;
+  const WeightTaps<In> v{wv.data_ptr<In>(), s.kg, s.cg, s.dv, wv.stride(0), wv.stride(1), wv.stride(2)};
+  const WeightTaps<In> h{wh.data_ptr<In>(), s.ng, s.kg, s.dh, wh.stride(0), wh.stride(1), wh.stride(3)};
   const int64_t n = k.packed_elems();
-  const PackKey key{layout,
-                    int64_t(sizeof(Op)),
-                    wv.data_ptr(),
-                    wh.data_ptr(),
-                    {s.groups, s.cg, s.kg, s.ng, s.dv, s.dh, int64_t(wv.scalar_type())}};
-  const auto cached = PackedWeightCache::get(key, wv, wh, n * sizeof(Op), [&](std::byte* dst) {
-    k.pack_weights(wv.data_ptr<In>(), wh.data_ptr<In>(), reinterpret_cast<Op*>(dst));
-  });
+  const PackKey key{
+      layout,
+      int64_t(sizeof(Op)),
+      wv.data_ptr(),
+      wh.data_ptr(),
+      {s.groups, s.cg, s.kg, s.ng, s.dv, s.dh, int64_t(wv.scalar_type()), v.sr, v.sc, v.st, h.sr, h.sc, h.st}};
+  const auto cached = PackedWeightCache::get(key, wv, wh, n * sizeof(Op),
+                                             [&](std::byte* dst) { k.pack_weights(v, h, reinterpret_cast<Op*>(dst)); });
   if (cached) {
     k.use_weights(reinterpret_cast<const Op*>(cached.get()), bias);
     k.run();
@@ -311,7 +304,7 @@ void pack_and_run(Kernel& k, int layout, const SepConvShape& s, const Tensor& wv
   }
   Scratch scratch(Scratch::kCall, Scratch::bytes_for<Op>(n));
   Op* packed = scratch.take<Op>(n);
-  k.pack_weights(wv.data_ptr<In>(), wh.data_ptr<In>(), packed);
+  k.pack_weights(v, h, packed);
   k.use_weights(packed, bias);
   k.run();
 }
@@ -350,7 +343,9 @@ Tensor forward(const SepConvShape& s, const Tensor& input, const Tensor& weight_
       empty_result({s.batch, s.out_channels, s.out_height, s.out_width}, input.options().memory_format(memory_format));
   if (out.numel() == 0) return out;
   const Tensor x = input.contiguous(memory_format);
-  const Tensor wv = weight_v.contiguous(), wh = weight_h.contiguous();
+  // Weights are read through their strides when they are dense (e.g. channels_last).
+  const auto dense = [](const Tensor& w) { return w.is_non_overlapping_and_dense() ? w : w.contiguous(); };
+  const Tensor wv = dense(weight_v), wh = dense(weight_h);
   const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
   switch (input.scalar_type()) {
     case at::kFloat:

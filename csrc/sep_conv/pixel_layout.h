@@ -70,33 +70,47 @@ void store_pixel_rows(const Acc* src, int64_t ld_pix, int64_t ng, const Acc* bia
 }
 
 // Weight repacking. A weight tensor of one group is an (R, Cc, T) array src[r][c][t] (R output
-// channels, Cc input channels, T taps). Each tap t becomes its own matrix, converted to Op:
+// channels, Cc input channels, T taps), read through its strides (a model converted with
+// .to(memory_format=torch.channels_last) has channels_last weights; copying them contiguous
+// on every call would cost more than the repacking). Each tap t becomes its own matrix,
+// converted to Op:
 //   split_taps_transposed: dst[t] is Cc x R, dst[(t * Cc + c) * R + r] = src[r][c][t];
 //   split_taps:            dst[t] is R x Cc, dst[(t * R + r) * Cc + c] = src[r][c][t];
 // both for the rows r in [r_begin, r_end). The transpose runs in kBlock x kBlock blocks with r
 // innermost, so each destination line is written in one burst while the block's source lines
 // stay in L1 (a loop that writes each line one element per pass keeps dozens of lines live,
 // and with R a multiple of 128 floats they fall into the same few L1 sets and thrash).
+template <typename In>
+struct WeightTaps {
+  const In* data;
+  int64_t R, Cc, T;    // sizes
+  int64_t sr, sc, st;  // strides in elements
+  const In& at(int64_t r, int64_t c, int64_t t) const { return data[r * sr + c * sc + t * st]; }
+  // Group g's (R, Cc, T) block of a weight whose dim 0 holds the groups one after another.
+  WeightTaps group(int64_t g) const { return {data + g * R * sr, R, Cc, T, sr, sc, st}; }
+};
+
 template <typename In, typename Op>
-void split_taps_transposed(const In* src, int64_t R, int64_t Cc, int64_t T, Op* dst, int64_t r_begin, int64_t r_end) {
+void split_taps_transposed(const WeightTaps<In>& src, Op* dst, int64_t r_begin, int64_t r_end) {
+  const int64_t R = src.R, Cc = src.Cc, T = src.T;
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kBlock)
     for (int64_t c0 = 0; c0 < Cc; c0 += kBlock) {
       const int64_t re = std::min(r_end, r0 + kBlock), ce = std::min(Cc, c0 + kBlock);
       for (int64_t c = c0; c < ce; ++c)
         for (int64_t t = 0; t < T; ++t) {
           Op* d = dst + (t * Cc + c) * R;
-          for (int64_t r = r0; r < re; ++r) d[r] = Op(src[(r * Cc + c) * T + t]);
+          for (int64_t r = r0; r < re; ++r) d[r] = Op(src.at(r, c, t));
         }
     }
 }
 
 template <typename In, typename Op>
-void split_taps(const In* src, int64_t R, int64_t Cc, int64_t T, Op* dst, int64_t r_begin, int64_t r_end) {
+void split_taps(const WeightTaps<In>& src, Op* dst, int64_t r_begin, int64_t r_end) {
+  const int64_t R = src.R, Cc = src.Cc, T = src.T;
   for (int64_t r = r_begin; r < r_end; ++r)
     for (int64_t t = 0; t < T; ++t) {
       Op* d = dst + (t * R + r) * Cc;
-      const In* row = src + r * Cc * T + t;
-      for (int64_t c = 0; c < Cc; ++c) d[c] = Op(row[c * T]);
+      for (int64_t c = 0; c < Cc; ++c) d[c] = Op(src.at(r, c, t));
     }
 }
 

@@ -150,7 +150,9 @@ size_t PackedWeightCache::capacity() {
 std::shared_ptr<const std::byte> PackedWeightCache::get(const PackKey& key, const at::Tensor& wv, const at::Tensor& wh,
                                                         size_t packed_bytes,
                                                         const std::function<void(std::byte*)>& pack) {
-  TORCH_INTERNAL_ASSERT(wv.is_contiguous() && wh.is_contiguous());
+  TORCH_INTERNAL_ASSERT(wv.is_non_overlapping_and_dense() && wh.is_non_overlapping_and_dense());
+  // A dense tensor's elements are the nbytes() bytes from its data pointer, in some order (the
+  // strides, part of the key, say which).
   const size_t cap = capacity();
   const size_t wv_bytes = wv.nbytes(), wh_bytes = wh.nbytes();
   if (wv_bytes + wh_bytes + packed_bytes + 64 > cap) return nullptr;

@@ -29,7 +29,7 @@ struct PackKey {
   int64_t op_size;  // bytes per packed element
   const void* wv;   // where the weights live (finds the entry; the bytes decide)
   const void* wh;
-  std::array<int64_t, 7> dims;  // groups, cg, kg, ng, dv, dh, scalar type
+  std::array<int64_t, 13> dims;  // groups, cg, kg, ng, dv, dh, scalar type, the weights' strides
   bool operator==(const PackKey& o) const {
     return layout == o.layout && op_size == o.op_size && wv == o.wv && wh == o.wh && dims == o.dims;
   }
@@ -37,7 +37,7 @@ struct PackKey {
 
 class PackedWeightCache {
  public:
-  // Packed weights for the contiguous tensors (wv, wh): a cached entry when its copy matches
+  // Packed weights for the dense (non-overlapping) tensors (wv, wh): a cached entry when its copy matches
   // their bytes, else a new entry filled by pack(dst). nullptr when the cache is off, the entry
   // would not fit, or the weights keep changing; the caller then packs into its own buffer.
   static std::shared_ptr<const std::byte> get(const PackKey& key, const at::Tensor& wv, const at::Tensor& wh,

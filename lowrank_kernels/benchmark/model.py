@@ -294,6 +294,9 @@ def ort_session(model: nn.Module, example: torch.Tensor, path: Path, threads: in
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # ORT's workers otherwise spin for a while after each run, taking the cores from whichever
+    # candidate the interleaved rounds time next.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 
