@@ -14,7 +14,8 @@
 //      one GEMM per tap j over all rows of the tile at once: output pixel (r, w') of tap j
 //      reads tpad pixel r*Wp + w'*sh + j*lh, i.e. row r*Wv + w' of a matrix with leading
 //      dimension sh*Kg when Wp = Wv*sh (Wp is rounded up to a multiple of sh; the Wv - W'
-//      extra pixels per row are computed and dropped);
+//      extra pixels per row are computed and dropped). 16-bit operands without horizontal
+//      dilation take all taps in one GEMM (see fused_h_taps);
 //   4. cbuf plus bias goes to the output in its dtype and memory format (NCHW transposed).
 //
 // The GEMMs are micro_gemm.h's (oneDNN brgemm for float and native 16-bit; BLAS for double).
@@ -75,14 +76,16 @@ struct ForwardKernel {
       split_taps_transposed(wh.group(g), rh + g * s.dh * s.kg * s.ng, r0, r1);
     });
     if constexpr (!plain) {
-      at::parallel_for(0, s.groups * (s.dv + s.dh), 1, [&](int64_t begin, int64_t end) {
+      // Stage 2's taps are one (dh*Kg x Ng) operand when they run as one GEMM.
+      const int64_t h_taps = fused_h_taps() ? 1 : s.dh, h_rows = s.dh / h_taps * s.kg;
+      at::parallel_for(0, s.groups * (s.dv + h_taps), 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t g = task / (s.dv + s.dh), tap = task % (s.dv + s.dh);
+          const int64_t g = task / (s.dv + h_taps), tap = task % (s.dv + h_taps);
           if (tap < s.dv)
             pack_b<Op>(s.cg, s.kg, rv + (g * s.dv + tap) * s.cg * s.kg, s.kg, pv + (g * s.dv + tap) * wv_block);
           else
-            pack_b<Op>(s.kg, s.ng, rh + (g * s.dh + tap - s.dv) * s.kg * s.ng, s.ng,
-                       ph + (g * s.dh + tap - s.dv) * wh_block);
+            pack_b<Op>(h_rows, s.ng, rh + (g * s.dh + (tap - s.dv) * s.dh / h_taps) * s.kg * s.ng, s.ng,
+                       ph + (g * s.dh + (tap - s.dv) * s.dh / h_taps) * wh_block);
         }
       });
     }
@@ -97,6 +100,13 @@ struct ForwardKernel {
   }
 
   int64_t input_rows(int64_t rows) const { return (rows - 1) * s.stride_v + s.dil_v * (s.dv - 1) + 1; }
+
+  // Without horizontal dilation, the dh taps an output pixel reads are dh consecutive pixels of
+  // tpad: its A row of all taps is dh*Kg contiguous values, so stage 2 can be one GEMM with a
+  // reduction of dh*Kg (Wh's taps stacked) instead of dh GEMMs that each load and store the
+  // result. That pays on the matrix engines, whose tiles a short Kg leaves half empty; in float
+  // the longer reduction ran slower on wide layers and gained little on narrow ones.
+  bool fused_h_taps() const { return is_16bit<Op>() && s.dil_h == 1; }
 
   int64_t bytes_per_row() const {
     return s.stride_v * s.width * s.cg * int64_t(sizeof(Op)) + s.width * s.kg * int64_t(sizeof(Acc)) +
@@ -162,8 +172,12 @@ struct ForwardKernel {
     // 3. Stage 2.
     const Op* wh = whp + g * s.dh * wh_block;
     const int64_t m = (rows - 1) * Wv + Wo;
-    for (int64_t j = 0; j < s.dh; ++j)
-      gemm<Op>(m, s.ng, s.kg, tpad + j * s.dil_h * s.kg, s.stride_h * s.kg, wh + j * wh_block, cbuf, s.ng, j > 0);
+    if (fused_h_taps()) {
+      gemm<Op>(m, s.ng, s.dh * s.kg, tpad, s.stride_h * s.kg, wh, cbuf, s.ng, false);
+    } else {
+      for (int64_t j = 0; j < s.dh; ++j)
+        gemm<Op>(m, s.ng, s.kg, tpad + j * s.dil_h * s.kg, s.stride_h * s.kg, wh + j * wh_block, cbuf, s.ng, j > 0);
+    }
     // 4. Bias and store.
     In* yb = y + b * s.out_channels * Ho * Wo;
     store_pixel_rows<Acc, In, CL>(cbuf, Wv, s.ng, bias.data() + g * s.ng, rows, Wo, yb, s.out_channels, Ho, g * s.ng,
@@ -309,7 +323,7 @@ void pack_and_run(Kernel& k, int layout, const SepConvShape& s, const Tensor& wv
   k.run();
 }
 
-enum Layout { kPixelLayout = 0, kPlanarLayout = 1 };
+enum Layout { kPixelLayout = 0, kPixelFusedTaps = 1, kPlanarLayout = 2 };
 
 template <typename In, typename Op>
 void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& wv, const Tensor& wh, const Tensor& b,
@@ -326,10 +340,12 @@ void run_forward(const SepConvShape& s, bool cl, const Tensor& x, const Tensor& 
   }
   if (cl) {
     ForwardKernel<In, Op, true> k(s, x.data_ptr<In>(), y.data_ptr<In>());
-    pack_and_run<Op, ForwardKernel<In, Op, true>, In>(k, kPixelLayout, s, wv, wh, b);
+    pack_and_run<Op, ForwardKernel<In, Op, true>, In>(k, k.fused_h_taps() ? kPixelFusedTaps : kPixelLayout, s, wv, wh,
+                                                      b);
   } else {
     ForwardKernel<In, Op, false> k(s, x.data_ptr<In>(), y.data_ptr<In>());
-    pack_and_run<Op, ForwardKernel<In, Op, false>, In>(k, kPixelLayout, s, wv, wh, b);
+    pack_and_run<Op, ForwardKernel<In, Op, false>, In>(k, k.fused_h_taps() ? kPixelFusedTaps : kPixelLayout, s, wv, wh,
+                                                       b);
   }
 }
 
