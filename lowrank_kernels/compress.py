@@ -277,8 +277,11 @@ def compress(
         shape = tuple(inputs[name].shape) if name in inputs else None
         svds[name] = _svd64(_layer_matrices(layer))
         for m in candidates[name]:
+            # Only the single-method budget's dynamic program reads the energies ("auto" splits the budget
+            # by tai's spectrum); for CP they are ALS fits at many ranks, minutes on a 512-channel layer.
+            need = rule == "mac_budget" and (method != "auto" or m == "tai")
             spectra[name, m] = method_spectrum(
-                m, name, layer, shape, svds[name] if m == "tai" else None, need_energies=rule == "mac_budget"
+                m, name, layer, shape, svds[name] if m == "tai" else None, need_energies=need
             )
 
     def pick(name: str, m: str, budget_share: float | None) -> int | None:

@@ -42,14 +42,32 @@ from ._conv_args import IntOrPair, _pair
 from .layers import _PADDING_MODES, _check_energy, _check_rank, _padding_sides
 from .sep_conv import sep_conv
 
-__all__ = ["CPConv2d", "SeparableBasisConv2d", "Tucker2Conv2d", "vbmf_rank", "cp_als"]
+__all__ = ["CPConv2d", "SeparableBasisConv2d", "Tucker2Conv2d", "vbmf_rank", "cp_als", "set_fused"]
 
 
 # --------------------------------------------------------------------------- shared geometry
 
 
 class _ChainConv2d(nn.Module):
-    """Geometry shared by the chains: nn.Conv2d's arguments, checked, and the spatial stage's padding."""
+    """Geometry shared by the chains: nn.Conv2d's arguments, checked, the spatial stage's padding, and
+    how a depthwise spatial pair runs (`fused`, see `set_fused`)."""
+
+    # True: a depthwise dv x 1 / 1 x dh pair runs as one sep_conv call; False: as two plain
+    # F.conv2d calls, the chain other decomposition tools run (for comparisons; same weights).
+    fused: bool = True
+
+    def _depthwise_pair(self, t: torch.Tensor, weight_v: torch.Tensor, weight_h: torch.Tensor) -> torch.Tensor:
+        """The spatial stage on (already padded) `t` with C channels: per channel, weight_v.shape[0] / C
+        vertical filters (output channel c*M + m from input channel c), then one horizontal filter per
+        resulting channel."""
+        c, cm = t.shape[1], weight_v.shape[0]
+        (sv, sh), (pv, ph), (dv, dh) = self.stride, self._op_padding, self.dilation
+        if not self.fused:
+            t = F.conv2d(t, weight_v, None, (sv, 1), (pv, 0), (dv, 1), c)
+            return F.conv2d(t, weight_h, None, (1, sh), (0, ph), (1, dh), cm)
+        if cm != c:
+            t = t.repeat_interleave(cm // c, dim=1)
+        return sep_conv(t, weight_v, weight_h, None, self.stride, self._op_padding, self.dilation, cm)
 
     def _init_geometry(
         self,
@@ -123,6 +141,18 @@ class _ChainConv2d(nn.Module):
         }
 
 
+def set_fused(model: nn.Module, fused: bool) -> nn.Module:
+    """Run the depthwise spatial pair of every `CPConv2d` and `SeparableBasisConv2d` in `model` fused
+    on `sep_conv` (True, the default) or as two plain convolutions (False); in place, returns `model`.
+    `Tucker2Conv2d` has no depthwise pair and always runs its plain chain."""
+    if not isinstance(fused, bool):
+        raise ValueError(f"set_fused: fused must be a bool, got {fused!r}")
+    for m in model.modules():
+        if isinstance(m, _ChainConv2d):
+            m.fused = fused
+    return model
+
+
 def _check_conv(conv: nn.Module, layer: str) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"{layer}.from_conv expects an nn.Conv2d, got {type(conv).__name__}")
@@ -152,10 +182,75 @@ def _cp_max_rank(shape: tuple[int, ...]) -> int:
     return math.prod(shape) // max(shape)
 
 
+# CP-ALS stops when an iteration lowers the relative error by less than this. At the large ranks
+# whole networks need, ALS creeps: hundreds more iterations past this point change the error in
+# its third digit, at seconds per iteration on a 512-channel layer.
+CP_TOL = 1e-4
+
+
+def _mttkrp(tensor, cp_tensor, mode: int):
+    """TensorLy's `unfolding_dot_khatri_rao` (unfold(tensor, mode) @ khatri_rao(other factors), columns
+    scaled by the weights) without forming the Khatri-Rao product.
+
+    TensorLy's default forms it explicitly: (product of the other sizes) x rank entries, which for a
+    conv kernel's small spatial modes is both channel counts times 3 times the rank (gigabytes at the
+    ranks a 512-channel layer needs) and dominates CP-ALS. Here the largest other mode is contracted
+    first by one matrix product (rank x the tensor's size / that mode's size), the remaining modes by
+    products with their factors' columns; the result is the same matrix."""
+    weights, factors = cp_tensor
+    as_numpy = not isinstance(tensor, torch.Tensor)
+    x = torch.as_tensor(tensor)
+    fs = [torch.as_tensor(f) for f in factors]
+    rank = fs[0].shape[1]
+    others = [i for i in range(x.dim()) if i != mode]
+    j = max(others, key=lambda i: x.shape[i])
+    kept = [i for i in range(x.dim()) if i != j]
+    # ALS updates the modes in turn, so the spatial modes' products contract the same (unchanged)
+    # channel factor: keep the last product, keyed by the very tensors (held, so never a reused id)
+    # and the factor's in-place version counter.
+    key = (x, j, fs[j], fs[j]._version)
+    hit = _MTTKRP_CACHE.get("key")
+    if hit is not None and all(a is b for a, b in zip(hit[:3], key[:3])) and hit[3] == key[3]:
+        t = _MTTKRP_CACHE["value"]
+    else:
+        t = (fs[j].T @ x.movedim(j, 0).reshape(x.shape[j], -1)).reshape(rank, *(x.shape[i] for i in kept))
+        _MTTKRP_CACHE.update(key=key, value=t)
+    letters = "abcdefghijklmnopqrstuvwxy"
+    rest = [i for i in kept if i != mode]
+    spec = ",".join(["z" + "".join(letters[i] for i in kept), *(letters[i] + "z" for i in rest)])
+    out = torch.einsum(f"{spec}->{letters[mode]}z", t, *(fs[i] for i in rest))
+    if weights is not None:
+        out = out * torch.as_tensor(weights)
+    return out.numpy() if as_numpy else out
+
+
+_TENALG = None
+_MTTKRP_CACHE: dict = {}  # one entry, cleared when cp_als returns
+
+
+def _tenalg_backend():
+    """TensorLy's core tensor-algebra backend with `_mttkrp` as its `unfolding_dot_khatri_rao`
+    (a subclass: TensorLy's own backend is left as it is)."""
+    global _TENALG
+    if _TENALG is None:
+        from tensorly.tenalg.core_tenalg import CoreTenalgBackend
+
+        class _LowrankTenalg(CoreTenalgBackend, backend_name="lowrank_kernels_core"):
+            pass
+
+        _LowrankTenalg.register_method("unfolding_dot_khatri_rao", _mttkrp)
+        _TENALG = _LowrankTenalg()
+    return _TENALG
+
+
 def cp_als(
-    tensor: torch.Tensor, rank: int, *, n_iter_max: int = 1000, tol: float = 1e-8, random_state: int = 0
+    tensor: torch.Tensor, rank: int, *, n_iter_max: int = 1000, tol: float = CP_TOL, random_state: int = 0
 ) -> tuple[list[torch.Tensor], float, bool]:
-    """Rank-`rank` CP decomposition of `tensor` by TensorLy's CP-ALS (SVD initialisation).
+    """Rank-`rank` CP decomposition of `tensor` by TensorLy's CP-ALS (SVD initialisation; the
+    matricized-tensor-times-Khatri-Rao products by `_mttkrp`).
+
+    ALS stops after `n_iter_max` iterations, or once an iteration lowers the relative error by less
+    than `tol` (a decrease, not the error itself).
 
     Returns (factors, relative error, converged): factor i is (tensor.shape[i], rank) in float64, the
     weights balanced across the factors (every factor's column r has norm lambda_r^(1/ndim)), so that
@@ -168,27 +263,35 @@ def cp_als(
         raise ImportError(
             "CP decompositions need TensorLy: pip install 'lowrank_kernels[schemes]' (or tensorly>=0.9)"
         ) from e
-    array = tensor.detach().to(torch.float64).cpu().numpy()
+    array = tensor.detach().to(torch.float64).cpu()
     norm = float((array**2).sum()) ** 0.5
     if norm == 0:
         return [torch.zeros(s, rank, dtype=torch.float64) for s in array.shape], 0.0, True
     for init in ("svd", "random"):
-        with tl.backend_context("numpy"), warnings.catch_warnings():
+        with (
+            # TensorLy's PyTorch backend: its linear solves and SVDs run on torch's LAPACK (threaded).
+            tl.backend_context("pytorch"),
+            tl.tenalg.backend_context(_tenalg_backend()),
+            warnings.catch_warnings(),
+        ):
             # TensorLy warns when the SVD start has fewer singular vectors than the rank (it pads randomly).
             warnings.simplefilter("ignore", UserWarning)
-            cp, errors = parafac(
-                tl.tensor(array / norm),
-                rank,
-                n_iter_max=n_iter_max,
-                init=init,
-                tol=tol,
-                random_state=random_state,
-                normalize_factors=True,
-                return_errors=True,
-            )
+            try:
+                cp, errors = parafac(
+                    tl.tensor(array / norm),
+                    rank,
+                    n_iter_max=n_iter_max,
+                    init=init,
+                    tol=tol,
+                    random_state=random_state,
+                    normalize_factors=True,
+                    return_errors=True,
+                )
+            finally:
+                _MTTKRP_CACHE.clear()
         weights, factors = cp
-        factors = [torch.from_numpy(f.copy()) for f in factors]
-        weights = torch.from_numpy(weights.copy()) * norm
+        factors = [f.detach().clone() for f in factors]
+        weights = weights.detach().clone() * norm
         if all(torch.isfinite(f).all() for f in factors) and torch.isfinite(weights).all():
             break
     else:
@@ -198,7 +301,7 @@ def cp_als(
     factors = [f * root for f in factors]
     factors[0] = factors[0] * torch.sign(weights).where(weights != 0, torch.ones_like(weights))
     approx = _cp_full(factors)
-    rel_err = float((approx - torch.from_numpy(array)).norm() / norm)
+    rel_err = float((approx - array).norm() / norm)
     converged = len(errors) < n_iter_max
     return factors, rel_err, converged
 
@@ -246,7 +349,7 @@ class CPConv2d(_ChainConv2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         t = self._pad(F.conv2d(input, self.weight_in, groups=self.groups))
-        t = sep_conv(t, self.weight_v, self.weight_h, None, self.stride, self._op_padding, self.dilation, self.rank)
+        t = self._depthwise_pair(t, self.weight_v, self.weight_h)
         return F.conv2d(t, self.weight_out, self.bias, groups=self.groups)
 
     def dense_weight(self) -> torch.Tensor:
@@ -266,7 +369,7 @@ class CPConv2d(_ChainConv2d):
         energy: float | None = None,
         *,
         n_iter_max: int = 1000,
-        tol: float = 1e-8,
+        tol: float = CP_TOL,
     ) -> CPConv2d:
         """CP-ALS decomposition of a trained `nn.Conv2d` (TensorLy's `parafac`, SVD start).
 
@@ -354,8 +457,10 @@ def separable_basis_spectrum(weight: torch.Tensor):
     c, n, dv, dh = w.shape
     vert = w.permute(0, 2, 1, 3).reshape(c, dv, n * dh)
     horz = w.permute(0, 3, 1, 2).reshape(c, dh, n * dv)
-    V = torch.linalg.svd(vert, full_matrices=True)[0]  # (C, dv, dv)
-    H = torch.linalg.svd(horz, full_matrices=True)[0]  # (C, dh, dh)
+    # Only the square left factors are needed: the reduced SVD already has them when the unfolding is
+    # wide (full_matrices=True would also build the N*dh x N*dh right factor, per channel).
+    V = torch.linalg.svd(vert, full_matrices=n * dh < dv)[0]  # (C, dv, dv)
+    H = torch.linalg.svd(horz, full_matrices=n * dv < dh)[0]  # (C, dh, dh)
     G = torch.einsum("ciy,cnyx,cxj->cnij", V.transpose(1, 2), w, H)
     pair = (G**2).sum(1).reshape(c, dv * dh)
     energies, order = pair.sort(-1, descending=True)
@@ -397,11 +502,7 @@ class SeparableBasisConv2d(_ChainConv2d):
         _init_uniform((self.weight_v, self.weight_h, self.weight_out), self.bias, cm // self.groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        t = self._pad(input)
-        if self.rank > 1:
-            t = t.repeat_interleave(self.rank, dim=1)
-        cm = self.in_channels * self.rank
-        t = sep_conv(t, self.weight_v, self.weight_h, None, self.stride, self._op_padding, self.dilation, cm)
+        t = self._depthwise_pair(self._pad(input), self.weight_v, self.weight_h)
         return F.conv2d(t, self.weight_out, self.bias, groups=self.groups)
 
     def dense_weight(self) -> torch.Tensor:
@@ -561,7 +662,8 @@ def tucker2_factors(
     for _ in range(hooi_iters):
         u_in = _leading(_unfold(torch.einsum("gnr,gncyx->grcyx", u_out, w), 1), r_in)
         u_out = _leading(_unfold(torch.einsum("gcs,gncyx->gnsyx", u_in, w), 0), r_out)
-    core = torch.einsum("gnr,gcs,gncyx->grsyx", u_out, u_in, w)
+    # One factor at a time: contracting the two factors first would form a (g, N, r_out, C, r_in) outer product.
+    core = torch.einsum("gcs,grcyx->grsyx", u_in, torch.einsum("gnr,gncyx->grcyx", u_out, w))
     return u_out, u_in, core
 
 

@@ -132,3 +132,27 @@ def test_cli_method(net, tmp_path, capsys):
     assert "tucker2" in capsys.readouterr().out
     compressed = torch.load(out, weights_only=False)
     assert isinstance(compressed.features[2], lk.Tucker2Conv2d)
+
+
+def test_auto_with_a_mac_budget_fits_cp_only_at_the_chosen_ranks(net, monkeypatch):
+    """With method="auto" a MAC budget is split by tai's spectrum, so CP-ALS must not run at every power-of-two rank
+    (minutes per layer on big networks); a single-method CP budget still needs those fits."""
+    import lowrank_kernels.methods as methods
+
+    calls = []
+    original = methods._cp_pseudo_spectrum
+    monkeypatch.setattr(methods, "_cp_pseudo_spectrum", lambda *a: calls.append(a) or original(*a))
+    _, report = _run(net, mac_budget=0.5, method="auto", speed_rounds=1)
+    assert calls == [] and any(r.rank is not None for r in report.layers)
+    _run(net, mac_budget=0.5, method="cp")
+    assert calls
+
+
+def test_cp_als_default_tolerance_stops_early():
+    """The default tolerance ends ALS before n_iter_max (converged); ALS never raises the error, so a
+    tighter run from the same start ends at most at the default run's error."""
+    w = torch.randn(12, 10, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, err, converged = lk.schemes.cp_als(w, 20)
+    _, tight, _ = lk.schemes.cp_als(w, 20, tol=1e-9, n_iter_max=3000)
+    assert converged and 0 < err < 1
+    assert tight <= err * (1 + 1e-9)

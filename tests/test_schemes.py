@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowrank_kernels import CPConv2d, SeparableBasisConv2d, Tucker2Conv2d, vbmf_rank
-from lowrank_kernels.schemes import cp_als
+from lowrank_kernels.schemes import _mttkrp, cp_als, set_fused
 
 from tolerances import assert_within, sum_bound
 
@@ -75,9 +75,12 @@ def _dense_conv(layer, x64):
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("method", ["cp", "separable_basis", "tucker2"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_forward_matches_dense_weight(cfg, method, layout):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain_convs"])
+def test_forward_matches_dense_weight(cfg, method, layout, fused):
+    """Both ways of running the depthwise pair (sep_conv, or two depthwise convolutions: set_fused)."""
     conv = nn.Conv2d(**cfg)
-    layer = _builders(cfg.get("groups", 1))[method](conv)
+    layer = set_fused(_builders(cfg.get("groups", 1))[method](conv), fused)
+    assert layer.fused is fused
     x = torch.randn(2, cfg["in_channels"], 11, 10)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -334,3 +337,44 @@ def test_gradients_flow(method):
     assert x.grad is not None and x.grad.abs().sum() > 0
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_set_fused_rejects_a_non_bool():
+    layer = SeparableBasisConv2d(4, 6, 3, rank=2)
+    with pytest.raises(ValueError, match="fused must be a bool"):
+        set_fused(layer, 0)
+    assert set_fused(nn.Sequential(layer), False)[0].fused is False
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 3, 3), (5, 4, 7), (3, 1, 2, 5), (2, 3, 4, 5, 3)])
+@pytest.mark.parametrize("as_torch", [False, True], ids=["numpy", "torch"])
+def test_mttkrp_matches_tensorly_khatri_rao_product(shape, as_torch):
+    """The Khatri-Rao-free MTTKRP CP-ALS runs on equals TensorLy's explicit one, every mode, also when
+    repeated calls reuse the cached product and after an in-place change of a factor."""
+    from tensorly.tenalg.core_tenalg.mttkrp import unfolding_dot_khatri_rao
+
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, dtype=torch.float64, generator=g)
+    factors = [torch.randn(s, 4, dtype=torch.float64, generator=g) for s in shape]
+    weights = torch.randn(4, dtype=torch.float64, generator=g)
+
+    def check():
+        for mode in range(len(shape)):
+            with tl.backend_context("numpy"):
+                ref = unfolding_dot_khatri_rao(x.numpy(), (weights.numpy(), [f.numpy() for f in factors]), mode)
+            args = (x, (weights, factors)) if as_torch else (x.numpy(), (weights.numpy(), [f.numpy() for f in factors]))
+            got = torch.as_tensor(_mttkrp(*args, mode))
+            # Sums of prod(other sizes) products of len(shape) factors: float64 rounding only.
+            bound = 4 * len(x.flatten()) * torch.finfo(torch.float64).eps * torch.from_numpy(abs(ref)).max()
+            assert (got - torch.from_numpy(ref)).abs().max() <= bound, (shape, mode)
+
+    check()
+    check()
+    factors[0].mul_(-2.0)  # in place: the cached product must not be reused
+    check()
+
+
+def test_cp_als_leaves_tensorly_backends_as_they_were():
+    before = (tl.get_backend(), tl.tenalg.get_backend())
+    cp_als(torch.randn(4, 5, 3, 3), 3)
+    assert (tl.get_backend(), tl.tenalg.get_backend()) == before

@@ -1,19 +1,31 @@
 """The model suite: whole networks, dense against compressed, in PyTorch and in ONNX Runtime.
 
 Per network (VGG-16, ResNet-18; defined here, random weights from a fixed seed), every 3 x 3
-convolution is compressed with the Tai et al. closed form (`SepConv2d.from_conv`) at the
-network's default ranks (VGG-16: Tai et al.'s, the sep_conv suite's table; ResNet-18: half the
-output channels) or at `--energy`. Per dtype and batch size ONE interleaved run
-(`harness.time_interleaved`, inference mode, channels_last) times:
+convolution is compressed by each method of `--method` (default: tai):
 
-    dense      the original network
-    unfused    the compressed network, each SepConv2d run as its two plain convolutions
-    sep        the compressed network on lowrank_kernels.sep_conv
-    ort_dense  the original network in ONNX Runtime          (float32 only)
-    ort_sep    the compressed network in ONNX Runtime        (float32 only; lk.to_onnx: two Conv
-               nodes per SepConv2d)
+    tai              Tai et al.'s closed form (`SepConv2d.from_conv`) at the network's default
+                     ranks (VGG-16: Tai et al.'s, the sep_conv suite's table; ResNet-18: half the
+                     output channels) or at `--energy`;
+    separable_basis  Jaderberg et al.'s scheme 1, cp (CP-ALS), tucker2 (Tucker-2): per layer the
+                     largest rank whose MACs stay within the tai layer's at the default ranks (so
+                     the methods compare at about equal MACs), or the method's rank for `--energy`
+                     (`lowrank_kernels.methods`).
 
-ONNX Runtime gets as many intra-op threads as PyTorch. The error columns are the relative
+Per dtype and batch size ONE interleaved run (`harness.time_interleaved`, inference mode,
+channels_last) times the dense network once and, per method:
+
+    unfused    the compressed network as chains of plain convolutions (tai: each SepConv2d as its
+               two convolutions; cp and separable_basis: their depthwise pairs as two depthwise
+               convolutions, `schemes.set_fused(model, False)`; tucker2: its chain, which has no
+               fused form, so it has no separate "sep" candidate)
+    sep        the compressed network as lowrank_kernels runs it (tai: sep_conv; cp and
+               separable_basis: the depthwise pairs on sep_conv)
+    ort_sep    the compressed network in ONNX Runtime (float32 only; lk.to_onnx of the plain
+               chain, which for tai and cp is what lk.to_onnx makes of sep_conv: two Conv nodes)
+
+plus ort_dense, the original network in ONNX Runtime (float32 only). Each method is one row; its
+dense and ort_dense timings are the run's shared ones. ONNX Runtime gets as many intra-op threads
+as PyTorch. The error columns are the relative
 Frobenius error of each output against the float32 dense network's on the same input (for the
 compressed networks this includes the compression error itself). The JSON records the CPU, the
 ISA PyTorch and oneDNN chose, and the level of the project's own SIMD kernels.
@@ -26,7 +38,9 @@ import contextlib
 import copy
 import os
 import re
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +51,10 @@ from torch import nn
 
 from .._reference import sep_conv_reference
 from ..batched_svd import cpu_capability
-from ..layers import SepConv2d
+from ..layers import LowRankLinear, SepConv2d
+from ..methods import METHODS, build_layer, method_spectrum
+from ..rank_selection import macs as layer_macs
+from ..schemes import CPConv2d, SeparableBasisConv2d, Tucker2Conv2d, set_fused
 from . import harness, results
 from .sep_conv import NETS
 
@@ -55,21 +72,29 @@ REPORTS = {
         ratios=(
             results.Ratio("sep vs dense", ("dense",), "sep"),
             results.Ratio("sep vs unfused", ("unfused",), "sep"),
+            results.Ratio("unfused vs dense", ("dense",), "unfused"),
             results.Ratio("sep vs ORT sep", ("ort_sep",), "sep"),
             results.Ratio("ORT sep vs ORT dense", ("ort_dense",), "ort_sep"),
         ),
-        legend="case = network at its image size; dense = the original network, unfused = the compressed "
-        "network as two plain convolutions per layer, sep = the compressed network on sep_conv, ort_* = the "
-        "same networks exported with lk.to_onnx in ONNX Runtime (float32 only); ratio > 1: the candidate is faster.",
+        legend="case = network at its image size, /method when not tai; dense = the original network, "
+        "unfused = the compressed network as plain convolutions (tai: two per layer; cp, separable_basis: "
+        "the depthwise pairs as two depthwise convolutions; tucker2: its three-conv chain), sep = the "
+        "compressed network with its separable stages on sep_conv (none for tucker2), ort_* = the networks "
+        "exported with lk.to_onnx in ONNX Runtime (float32 only); ratio > 1: the candidate is faster.",
     )
 }
+
+
+def case_name(model: str, image: int, method: str = "tai") -> str:
+    """The data file's case of one row: tai (the suite's original method) keeps the bare name."""
+    return f"{model}@{image}" + ("" if method == "tai" else f"/{method}")
 
 
 def measurements(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows' timings as data-file measurements (one per candidate)."""
     return [
         {
-            "case": f"{r['model']}@{r['image']}",
+            "case": case_name(r["model"], r["image"], r.get("method", "tai")),
             "candidate": name,
             "threads": r["threads"],
             "batch": r["batch"],
@@ -174,8 +199,8 @@ def default_ranks(name: str, model: nn.Module) -> dict[str, int]:
 
 def compress_model(model: nn.Module, ranks: dict[str, int] | None = None, energy: float | None = None) -> nn.Module:
     """A copy of `model` with the chosen 3 x 3 convolutions replaced by SepConv2d.from_conv
-    (rank per module name, or the same energy for every 3 x 3 conv)."""
-    out = copy.deepcopy(model)
+    (rank per module name, or the same energy for every 3 x 3 conv); the other parameters are shared."""
+    out = _copy_sharing(model, _unreplaced(model))
     targets = (
         ranks
         if energy is None
@@ -208,13 +233,112 @@ class UnfusedPair(nn.Module):
 
 
 def unfused_model(compressed: nn.Module) -> nn.Module:
-    """The compressed network with every SepConv2d running the two-conv reference."""
-    out = copy.deepcopy(compressed)
+    """The compressed network as plain convolutions: every SepConv2d running the two-conv reference,
+    every CP / scheme-1 layer its depthwise pair as two depthwise convolutions. The copy shares the
+    parameters (only the modules are new)."""
+    out = _copy_sharing(compressed, list(compressed.parameters()) + list(compressed.buffers()))
+    set_fused(out, False)
     for name, m in list(out.named_modules()):
         if isinstance(m, SepConv2d):
             parent_name, _, attr = name.rpartition(".")
             parent = out.get_submodule(parent_name) if parent_name else out
             setattr(parent, attr, UnfusedPair(m))
+    return out
+
+
+def _copy_sharing(model: nn.Module, shared: list[torch.Tensor]) -> nn.Module:
+    """A deep copy of `model` whose `shared` tensors are the original ones (VGG-16's classifier
+    alone is 0.5 GB in float32; the suite holds several versions of each network)."""
+    return copy.deepcopy(model, memo={id(t): t for t in shared})
+
+
+def _unreplaced(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers of everything but the 3 x 3 convolutions (which compression replaces)."""
+    replaced = {
+        id(t)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+        for t in m.parameters(recurse=False)
+    }
+    return [t for t in (*model.parameters(), *model.buffers()) if id(t) not in replaced]
+
+
+def input_shapes(model: nn.Module, image: int) -> dict[str, tuple[int, ...]]:
+    """Per module name, the input shape it sees on a (1, 3, image, image) input."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(_module, args) -> None:  # returns None: the input is left as it is
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image, image))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+_COUNTED = (nn.Conv2d, nn.Linear, SepConv2d, LowRankLinear, CPConv2d, SeparableBasisConv2d, Tucker2Conv2d)
+
+
+def model_cost(model: nn.Module, image: int) -> dict[str, int]:
+    """Parameters, and multiply-accumulates per sample of the convolutions and linear layers
+    (`rank_selection.macs`) on a (1, 3, image, image) input."""
+    shapes = input_shapes(model, image)
+    total = sum(layer_macs(m, shapes[n]) for n, m in model.named_modules() if isinstance(m, _COUNTED) and n in shapes)
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": int(total)}
+
+
+def compress_method(
+    model: nn.Module,
+    method: str,
+    ranks: dict[str, int] | None,
+    energy: float | None,
+    image: int,
+    *,
+    label: str = "",
+) -> nn.Module:
+    """A copy of `model` (sharing the untouched parameters) with its 3 x 3 convolutions compressed by
+    `method`: at the tai layer's MACs for `ranks` (tai: those ranks, see `compress_model`), or at
+    `energy` (every 3 x 3 conv). Layers a method cannot make cheaper stay dense. Progress per layer
+    goes to stderr."""
+    if method not in METHODS:
+        raise ValueError(f"compress_method: unknown method {method!r}; available: {', '.join(METHODS)}")
+    if method == "tai":
+        return compress_model(model, ranks, energy)
+    if energy is not None:
+        from ..compress import compress
+
+        out, _ = compress(
+            model,
+            energy=energy,
+            method=method,
+            include=lambda _n, m: isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3),
+            progress=True,
+        )
+        return out
+    out = _copy_sharing(model, _unreplaced(model))
+    shapes = input_shapes(out, image)
+    from tqdm.auto import tqdm
+
+    for name in tqdm(list(ranks), desc=f"{label} {method}".strip(), file=sys.stderr):
+        parent_name, _, attr = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        conv = getattr(parent, attr)
+        shape = shapes[name]
+        k_tai = min(ranks[name], conv.out_channels * 3, conv.in_channels * 3)
+        tai = SepConv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, k_tai, conv.stride, conv.padding, groups=conv.groups
+        )
+        sp = method_spectrum(method, name, conv, shape, need_energies=False)
+        k = min(sp.largest_rank_within(layer_macs(tai, shape)), sp.full_rank) // sp.groups * sp.groups
+        if k >= sp.groups and sp.worthwhile(k):
+            setattr(parent, attr, build_layer(method, conv, k))
     return out
 
 
@@ -326,10 +450,15 @@ def rel_error(y: Any, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def _candidates(method: str) -> tuple[str, ...]:
+    """A method's PyTorch candidates: tucker2 has no fused form, so only its plain chain."""
+    return ("unfused",) if method == "tucker2" else ("unfused", "sep")
+
+
 def measure(
     name: str,
     dense32: nn.Module,
-    compressed32: nn.Module,
+    refs32: dict[str, nn.Module],
     typed: dict[str, nn.Module],
     ort_runs: dict[str, Callable[[torch.Tensor], Any]],
     dtype: torch.dtype,
@@ -338,15 +467,16 @@ def measure(
     rounds: int,
     warmup: int,
     seed: int,
-) -> dict[str, Any]:
-    """One interleaved run of every candidate on one input -> one row. dense32, compressed32: the
-    float32 dense network and the float32 compressed one run as unfused pairs (the error
-    references); typed: the candidates' networks in `dtype`, channels_last."""
+) -> list[dict[str, Any]]:
+    """One interleaved run of every candidate on one input -> one row per method. dense32: the float32
+    dense network (the error reference); refs32: per method, its float32 compressed network as plain
+    convolutions (the reference of the err_c columns); typed: the networks in `dtype`, channels_last,
+    keyed "dense" and "METHOD:CANDIDATE"; ort_runs: "ort_dense" and "METHOD:ort_sep"."""
     g = torch.Generator().manual_seed(seed + batch)
     x32 = torch.randn(batch, 3, image, image, generator=g)
     with torch.inference_mode():
         reference = dense32(x32.to(memory_format=torch.channels_last))
-        compressed_ref = compressed32(x32.to(memory_format=torch.channels_last))
+        compressed_refs = {m: ref(x32.to(memory_format=torch.channels_last)) for m, ref in refs32.items()}
     x = x32.to(dtype).to(memory_format=torch.channels_last)
 
     def torch_call(model: nn.Module) -> Callable[[], Any]:
@@ -356,36 +486,51 @@ def measure(
 
         return call
 
-    fns: dict[str, Callable[[], Any]] = {k: torch_call(typed[k]) for k in TORCH_CANDIDATES}
+    fns: dict[str, Callable[[], Any]] = {k: torch_call(m) for k, m in typed.items()}
     if dtype == torch.float32:
         fns.update({k: (lambda r=run: r(x32)) for k, run in ort_runs.items()})
     outputs = {k: fn() for k, fn in fns.items()}
     errors = {k: rel_error(y, reference) for k, y in outputs.items()}
-    errors_c = {k: rel_error(y, compressed_ref) for k, y in outputs.items() if k in ("unfused", "sep", "ort_sep")}
+    errors_c = {
+        k: rel_error(y, compressed_refs[k.split(":")[0]]) for k, y in outputs.items() if k.split(":")[0] in refs32
+    }
     del outputs
     timings = harness.time_interleaved(fns, rounds=rounds, warmup=warmup, seed=seed)
-    ms = {k: t.median_ms for k, t in timings.items()}
-    row: dict[str, Any] = {
-        "model": name,
-        "dtype": str(dtype).replace("torch.", ""),
-        "batch": batch,
-        "image": image,
-        **{f"{k}_ms": ms.get(k) for k in (*TORCH_CANDIDATES, *ORT_CANDIDATES)},
-        "sep_vs_dense": ms["dense"] / ms["sep"],
-        "sep_vs_unfused": ms["unfused"] / ms["sep"],
-        "unfused_vs_dense": ms["dense"] / ms["unfused"],
-        **{f"err:{k}": v for k, v in errors.items()},
-        **{f"err_c:{k}": v for k, v in errors_c.items()},
-        "timings": timings,
-    }
-    if "ort_sep" in ms:
-        row["ort_sep_vs_ort_dense"] = ms["ort_dense"] / ms["ort_sep"]
-        row["sep_vs_ort_sep"] = ms["ort_sep"] / ms["sep"]
-    return row
+    rows = []
+    for method in refs32:
+        keys = {"dense": "dense", **{c: f"{method}:{c}" for c in (*_candidates(method), "ort_sep")}}
+        if "ort_dense" in timings:
+            keys["ort_dense"] = "ort_dense"
+        keys = {short: full for short, full in keys.items() if full in timings}
+        ms = {short: timings[full].median_ms for short, full in keys.items()}
+        lowrank = "sep" if "sep" in ms else "unfused"
+        row: dict[str, Any] = {
+            "model": name,
+            "method": method,
+            "dtype": str(dtype).replace("torch.", ""),
+            "batch": batch,
+            "image": image,
+            **{f"{k}_ms": ms.get(k) for k in (*TORCH_CANDIDATES, *ORT_CANDIDATES)},
+            "lowrank_ms": ms[lowrank],
+            "lowrank_vs_dense": ms["dense"] / ms[lowrank],
+            "sep_vs_dense": ms["dense"] / ms["sep"] if "sep" in ms else None,
+            "sep_vs_unfused": ms["unfused"] / ms["sep"] if "sep" in ms else None,
+            "unfused_vs_dense": ms["dense"] / ms["unfused"],
+            **{f"err:{short}": errors[full] for short, full in keys.items()},
+            **{f"err_c:{short}": errors_c[full] for short, full in keys.items() if full in errors_c},
+            "err:lowrank": errors[keys[lowrank]],
+            "timings": {short: timings[full] for short, full in keys.items()},
+        }
+        if "ort_sep" in ms:
+            row["ort_sep_vs_ort_dense"] = ms["ort_dense"] / ms["ort_sep"]
+            row["sep_vs_ort_sep"] = ms["ort_sep"] / ms["sep"] if "sep" in ms else None
+        rows.append(row)
+    return rows
 
 
 TABLE_COLUMNS = [
     "model",
+    "method",
     "dtype",
     "batch",
     "dense_ms",
@@ -395,11 +540,13 @@ TABLE_COLUMNS = [
     "ort_sep_ms",
     "sep_vs_dense",
     "sep_vs_unfused",
+    "unfused_vs_dense",
     "sep_vs_ort_sep",
     "ort_sep_vs_ort_dense",
 ]
 ERROR_COLUMNS = [
     "model",
+    "method",
     "dtype",
     "batch",
     "err:dense",
@@ -411,13 +558,34 @@ ERROR_COLUMNS = [
     "err_c:sep",
     "err_c:ort_sep",
 ]
+METHOD_COLUMNS = [
+    "model",
+    "method",
+    "dtype",
+    "batch",
+    "GMACs",
+    "MACs_vs_dense",
+    "Mparams",
+    "lowrank_ms",
+    "lowrank_vs_dense",
+    "sep_vs_unfused",
+    "err:lowrank",
+    "compress_s",
+]
 LEGEND = """\
   *_ms: median ms per forward over interleaved rounds (channels_last; ORT: NCHW float32)
   sep_vs_dense = dense_ms / sep_ms, sep_vs_unfused = unfused_ms / sep_ms (> 1: sep_conv faster),
+  unfused_vs_dense = dense_ms / unfused_ms,
   sep_vs_ort_sep = ort_sep_ms / sep_ms, ort_sep_vs_ort_dense = ort_dense_ms / ort_sep_ms
   err:*: ||y - y_dense_float32|| / ||y_dense_float32|| on the same input (compressed models
   include the compression error); err_c:*: the same against the float32 compressed network
-  run as unfused pairs (the kernels' own error)"""
+  run as plain convolutions (the kernels' own error)"""
+METHOD_LEGEND = """\
+  GMACs: multiply-accumulates per image of the convolutions and linear layers (dense row: the
+  original network's), MACs_vs_dense = dense / compressed; Mparams: parameters in millions;
+  lowrank_ms: the method as lowrank_kernels runs it (sep for tai, cp, separable_basis; the plain
+  chain for tucker2), lowrank_vs_dense = dense_ms / lowrank_ms; err:lowrank: its output error
+  against the float32 dense network; compress_s: seconds to compress the network"""
 
 
 def _csv(text: str) -> list[str]:
@@ -427,6 +595,12 @@ def _csv(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the model suite."""
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default: {','.join(MODELS)})")
+    parser.add_argument(
+        "--method",
+        default="tai",
+        help=f"compression methods, comma-separated: {', '.join(METHODS)} (default: tai); every method is "
+        "timed in the same interleaved run against the same dense network",
+    )
     parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default: 1,8)")
     parser.add_argument(
         "--dtype", default="float32,bfloat16", help="comma-separated: float32, bfloat16 (default: both)"
@@ -445,11 +619,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROUNDS} rounds: a fast, noisier look")
 
 
-def _parse(args: argparse.Namespace) -> tuple[list[str], list[int], list[torch.dtype], int]:
+def _parse(args: argparse.Namespace) -> tuple[list[str], list[str], list[int], list[torch.dtype], int]:
     models = _csv(args.models)
     bad = [m for m in models if m not in MODELS]
     if not models or bad:
         raise SystemExit(f"lowrank bench model: --models must name some of {', '.join(MODELS)}, got {args.models!r}")
+    methods = list(dict.fromkeys(_csv(getattr(args, "method", "tai"))))
+    if not methods or any(m not in METHODS for m in methods):
+        raise SystemExit(
+            f"lowrank bench model: --method must name some of {', '.join(METHODS)} (comma-separated), "
+            f"got {args.method!r}"
+        )
     try:
         batches = [int(b) for b in _csv(args.batch)]
     except ValueError:
@@ -466,20 +646,41 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int], list[torch.d
     rounds = args.rounds if args.rounds is not None else (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
     if rounds < 1 or args.warmup < 0:
         raise SystemExit("lowrank bench model: --rounds must be >= 1 and --warmup >= 0")
-    return models, batches, [DTYPES[d] for d in names], rounds
+    return models, methods, batches, [DTYPES[d] for d in names], rounds
+
+
+def _typed(models: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, nn.Module]:
+    """The networks in `dtype`; parameters shared between them stay shared (one memo for all copies)."""
+    if dtype == torch.float32:
+        return models
+    memo: dict[int, Any] = {}
+    return {k: copy.deepcopy(m, memo).to(dtype) for k, m in models.items()}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite; print the tables; save the JSON when args.json is set."""
-    model_names, batches, dtypes, rounds = _parse(args)
+    model_names, methods, batches, dtypes, rounds = _parse(args)
     threads = max(getattr(args, "threads", None) or [torch.get_num_threads()])
     torch.set_num_threads(threads)
     env = environment()
     rows: list[dict[str, Any]] = []
     for name in model_names:
         dense = build_model(name, args.seed)
-        sep = compress_model(dense, default_ranks(name, dense) if args.energy is None else None, args.energy)
-        models = {"dense": dense, "unfused": unfused_model(sep), "sep": sep}
+        ranks = default_ranks(name, dense) if args.energy is None else None
+        compressed: dict[str, nn.Module] = {}
+        compress_s: dict[str, float] = {}
+        for method in methods:
+            start = time.perf_counter()
+            compressed[method] = compress_method(dense, method, ranks, args.energy, args.image, label=name)
+            compress_s[method] = time.perf_counter() - start
+        dense_cost = model_cost(dense, args.image)
+        costs = {m: model_cost(c, args.image) for m, c in compressed.items()}
+        models: dict[str, nn.Module] = {"dense": dense}
+        refs32: dict[str, nn.Module] = {}
+        for method in methods:
+            refs32[method] = models[f"{method}:unfused"] = unfused_model(compressed[method])
+            if "sep" in _candidates(method):
+                models[f"{method}:sep"] = compressed[method]
         for m in models.values():
             m.to(memory_format=torch.channels_last)
         ort_runs: dict[str, Callable[[torch.Tensor], Any]] = {}
@@ -488,14 +689,16 @@ def run(args: argparse.Namespace) -> int:
                 example = torch.randn(1, 3, args.image, args.image)
                 with contextlib.redirect_stdout(None):
                     ort_runs["ort_dense"] = ort_session(dense, example, Path(tmp) / "dense.onnx", threads)
-                    ort_runs["ort_sep"] = ort_session(sep, example, Path(tmp) / "sep.onnx", threads)
+                    for method in methods:
+                        path = Path(tmp) / f"{method}.onnx"
+                        ort_runs[f"{method}:ort_sep"] = ort_session(refs32[method], example, path, threads)
             for dtype in dtypes:
-                typed = models if dtype == torch.float32 else {k: copy.deepcopy(m).to(dtype) for k, m in models.items()}
+                typed = _typed(models, dtype)
                 for batch in batches:
-                    row = measure(
+                    new = measure(
                         name,
                         dense,
-                        models["unfused"],
+                        refs32,
                         typed,
                         ort_runs,
                         dtype,
@@ -505,14 +708,27 @@ def run(args: argparse.Namespace) -> int:
                         args.warmup,
                         args.seed,
                     )
-                    row["threads"] = threads
-                    rows.append(row)
-                    print(
-                        f"{name} {row['dtype']} b{batch}: dense {row['dense_ms']:.1f} ms, unfused "
-                        f"{row['unfused_ms']:.1f} ms, sep {row['sep_ms']:.1f} ms"
-                        + (f", ORT sep {row['ort_sep_ms']:.1f} ms" if row.get("ort_sep_ms") else ""),
-                        flush=True,
-                    )
+                    for row in new:
+                        cost = costs[row["method"]]
+                        row.update(
+                            threads=threads,
+                            params=cost["params"],
+                            macs=cost["macs"],
+                            dense_params=dense_cost["params"],
+                            dense_macs=dense_cost["macs"],
+                            GMACs=cost["macs"] / 1e9,
+                            MACs_vs_dense=dense_cost["macs"] / cost["macs"],
+                            Mparams=cost["params"] / 1e6,
+                            compress_s=compress_s[row["method"]],
+                        )
+                        rows.append(row)
+                        print(
+                            f"{name} {row['method']} {row['dtype']} b{batch}: dense {row['dense_ms']:.1f} ms, "
+                            f"unfused {row['unfused_ms']:.1f} ms"
+                            + (f", sep {row['sep_ms']:.1f} ms" if row.get("sep_ms") else "")
+                            + (f", ORT sep {row['ort_sep_ms']:.1f} ms" if row.get("ort_sep_ms") else ""),
+                            flush=True,
+                        )
     print({k: env[k] for k in ("cpu", "cores", "threads", "torch_cpu_capability", "lowrank_cpu_capability")})
     print(f"oneDNN: float32 {env['onednn_float32']}, bfloat16 {env['onednn_bfloat16']}")
     print(f"\nWhole networks at {args.image}x{args.image}, {threads} thread(s), {rounds} rounds:")
@@ -520,6 +736,9 @@ def run(args: argparse.Namespace) -> int:
     print(LEGEND)
     print("\nOutput error against the float32 dense network (err) and the float32 compressed one (err_c):")
     print(harness.format_table(rows, ERROR_COLUMNS, floatfmt=".1e"))
+    print("\nPer method: cost, speed and error (ranks at the tai layers' MACs; see the module docstring):")
+    print(harness.format_table(rows, METHOD_COLUMNS))
+    print(METHOD_LEGEND)
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
         results.record(
@@ -534,6 +753,7 @@ def run(args: argparse.Namespace) -> int:
                 "args": {k: v if isinstance(v, int | float | list | None) else str(v) for k, v in vars(args).items()},
                 "rounds": rounds,
                 "ranks": "energy" if args.energy is not None else "default",
+                "methods": methods,
                 "rows": rows,
             },
         )
