@@ -1,0 +1,32 @@
+// The depthwise forward kernels (depthwise_kernels.h), compiled once per instruction-set level
+// (depthwise_default.cpp, depthwise_avx2.cpp, depthwise_avx512.cpp), and the call they share.
+// depthwise.cpp picks one with lowrank::cpu_capability().
+#pragma once
+
+#include <cstdint>
+
+#include "sep_conv.h"
+
+namespace lowrank::sep_conv::dw {
+
+enum class Dtype { Float, BFloat16, Half };
+
+// One forward call. x and y hold elements of `dtype` (NCHW or channels_last, contiguous); the
+// weights and bias are float32: channels_last wv (dv, C), wh (dh, C); NCHW wv (C, dv), wh (C, dh);
+// bias (C) (zeros when the call has none).
+struct ForwardCall {
+  SepConvShape s;
+  bool channels_last;
+  Dtype dtype;
+  const void* x;
+  void* y;
+  const float *wv, *wh, *bias;
+};
+
+void forward_default(const ForwardCall& call);
+#if defined(__x86_64__)
+void forward_avx2(const ForwardCall& call);
+void forward_avx512(const ForwardCall& call);
+#endif
+
+}  // namespace lowrank::sep_conv::dw
