@@ -166,6 +166,21 @@ inline typename Vec<L>::F round_to(typename Vec<L>::F v) {
   }
 }
 
+// Prefetch hints for the bytes [p, p + n) into L2 (write: about to be stored), one per cache line.
+// They cover the rows the next work item reads first and the output rows it writes: those come
+// from memory, and the strided (channels_last) or short (NCHW) accesses give the hardware
+// prefetchers little to go on.
+inline void prefetch(const void* p, int64_t n, bool write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < n; o += 64) {
+    if (write) {
+      __builtin_prefetch(c + o, 1, 2);
+    } else {
+      __builtin_prefetch(c + o, 0, 2);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------- channels_last
 
 // The taps of output row i that fall inside the image: their input rows and weights.
@@ -188,10 +203,12 @@ struct RowTaps {
 // One strip of NV vectors of channels from channel c of one output row. xr[k]: the input row of
 // valid tap k (m of them), wvr[k]: its weights (C floats), yr: the output row; t: the row buffer.
 // DV, DH > 0: the tap counts known at compile time (then m == DV), so the weights stay in
-// registers; 0: any count.
+// registers; 0: any count. pfx, pfy (or null): the next work item's newest input row and its
+// output row, whose strip is prefetched along the way.
 template <Dtype D, int L, int NV, int DV, int DH>
 void cl_strip(const SepConvShape& s, const Elem<D>* const* xr, const float* const* wvr, int64_t m, const float* wh,
-              const float* bias, int64_t c, float* __restrict t, Elem<D>* __restrict yr) {
+              const float* bias, int64_t c, float* __restrict t, Elem<D>* __restrict yr, const Elem<D>* pfx,
+              Elem<D>* pfy) {
   using F = typename Vec<L>::F;
   constexpr int S = NV * L;
   const int64_t C = s.in_channels, W = s.width, Wo = s.out_width, sh = s.stride_h, lh = s.dil_h, ph = s.pad_h;
@@ -206,6 +223,7 @@ void cl_strip(const SepConvShape& s, const Elem<D>* const* xr, const float* cons
       for (int v = 0; v < NV; ++v) wr[k][v] = loadf<L>(wvr[k] + c + v * L);
     }
     for (int64_t w = 0; w < W; ++w) {
+      if (pfx) prefetch(pfx + w * C + c, S * sizeof(Elem<D>), false);
       for (int v = 0; v < NV; ++v) {
         F acc = wr[0][v] * load<D, L>(xp[0] + w * C + v * L);
         for (int k = 1; k < DV; ++k) acc += wr[k][v] * load<D, L>(xp[k] + w * C + v * L);
@@ -214,6 +232,7 @@ void cl_strip(const SepConvShape& s, const Elem<D>* const* xr, const float* cons
     }
   } else {
     for (int64_t w = 0; w < W; ++w) {
+      if (pfx) prefetch(pfx + w * C + c, S * sizeof(Elem<D>), false);
       for (int v = 0; v < NV; ++v) {
         F acc{};
         for (int64_t k = 0; k < m; ++k) acc += loadf<L>(wvr[k] + c + v * L) * load<D, L>(xr[k] + c + w * C + v * L);
@@ -229,6 +248,7 @@ void cl_strip(const SepConvShape& s, const Elem<D>* const* xr, const float* cons
     for (int e = 0; e < DH; ++e)
       for (int v = 0; v < NV; ++v) wr[e][v] = loadf<L>(wh + e * C + c + v * L);
     for (int64_t j = 0; j < Wo; ++j) {
+      if (pfy) prefetch(pfy + j * C + c, S * sizeof(Elem<D>), true);
       const float* tj = t + j * sh * S;
       for (int v = 0; v < NV; ++v) {
         F acc = b0[v];
@@ -238,6 +258,7 @@ void cl_strip(const SepConvShape& s, const Elem<D>* const* xr, const float* cons
     }
   } else {
     for (int64_t j = 0; j < Wo; ++j) {
+      if (pfy) prefetch(pfy + j * C + c, S * sizeof(Elem<D>), true);
       const float* tj = t + j * sh * S;
       for (int v = 0; v < NV; ++v) {
         F acc = b0[v];
@@ -250,11 +271,12 @@ void cl_strip(const SepConvShape& s, const Elem<D>* const* xr, const float* cons
 
 template <Dtype D, int L, int NV>
 inline void cl_strip_any(bool three, const SepConvShape& s, const Elem<D>* const* xr, const float* const* wvr,
-                         int64_t m, const float* wh, const float* bias, int64_t c, float* t, Elem<D>* yr) {
+                         int64_t m, const float* wh, const float* bias, int64_t c, float* t, Elem<D>* yr,
+                         const Elem<D>* pfx, Elem<D>* pfy) {
   if (three) {
-    cl_strip<D, L, NV, 3, 3>(s, xr, wvr, m, wh, bias, c, t, yr);
+    cl_strip<D, L, NV, 3, 3>(s, xr, wvr, m, wh, bias, c, t, yr, pfx, pfy);
   } else {
-    cl_strip<D, L, NV, 0, 0>(s, xr, wvr, m, wh, bias, c, t, yr);
+    cl_strip<D, L, NV, 0, 0>(s, xr, wvr, m, wh, bias, c, t, yr, pfx, pfy);
   }
 }
 
@@ -268,7 +290,7 @@ void forward_cl(const ForwardCall& k) {
   E* y = static_cast<E*>(k.y);
   at::parallel_for(0, s.batch * Ho, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tbuf((W + 2 * s.pad_h) * NV * L);
-    RowTaps taps(s.dv);
+    RowTaps taps(s.dv), next(s.dv);
     std::vector<const E*> xr(s.dv);
     std::vector<const float*> wvr(s.dv);
     for (int64_t item = begin; item < end; ++item) {
@@ -280,12 +302,20 @@ void forward_cl(const ForwardCall& k) {
       }
       const bool three = taps.count == 3 && s.dv == 3 && s.dh == 3;
       E* yr = y + item * Wo * C;
+      const E* pfx = nullptr;
+      E* pfy = nullptr;
+      if (item + 1 < end) {
+        next.find(s, (item + 1) % Ho);
+        if (next.count > 0) pfx = x + ((item + 1) / Ho * s.height + next.rows[next.count - 1]) * W * C;
+        pfy = yr + Wo * C;
+      }
       int64_t c = 0;
       for (; c + NV * L <= C; c += NV * L)
-        cl_strip_any<D, L, NV>(three, s, xr.data(), wvr.data(), taps.count, k.wh, k.bias, c, tbuf.data(), yr);
+        cl_strip_any<D, L, NV>(three, s, xr.data(), wvr.data(), taps.count, k.wh, k.bias, c, tbuf.data(), yr, pfx,
+                               pfy);
       for (; c < C; c += L)
         cl_strip_any<D, L, 1>(three, s, xr.data(), wvr.data(), taps.count, k.wh, k.bias, std::min(c, C - L),
-                              tbuf.data(), yr);
+                              tbuf.data(), yr, pfx, pfy);
     }
   });
 }
@@ -358,6 +388,9 @@ void forward_nchw(const ForwardCall& k) {
   const E* x = static_cast<const E*>(k.x);
   E* y = static_cast<E*>(k.y);
   const bool three = dv == 3 && dh == 3;
+  const E* x_end = x + s.batch * C * H * W;
+  const E* y_end = y + s.batch * C * Ho * Wo;
+  constexpr int64_t kAhead = 2048;  // bytes
   at::parallel_for(0, s.batch * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tbuf(2 * (W + 2 * ph), 0.f);  // the padding columns stay zero
     float* tb[2] = {tbuf.data(), tbuf.data() + W + 2 * ph};
@@ -372,6 +405,14 @@ void forward_nchw(const ForwardCall& k) {
       for (int64_t i = 0; i <= Ho; ++i) {
         if (i < Ho) {
           taps.find(s, i);
+          // A fixed distance ahead of the newest input row and of the output row, running on
+          // into the next planes of this thread's range.
+          if (taps.count > 0) {
+            const E* pfx = xp + taps.rows[taps.count - 1] * W + kAhead / sizeof(E);
+            if (pfx + W <= x_end) prefetch(pfx, W * sizeof(E), false);
+          }
+          E* pfy = yp + i * Wo + kAhead / sizeof(E);
+          if (pfy + Wo <= y_end) prefetch(pfy, Wo * sizeof(E), true);
           float* t = tb[i & 1] + ph;
           if (three && taps.count == 3) {
             nchw_vertical<D, L, 3>(s, xp, wvc, taps, t);
