@@ -38,6 +38,18 @@ bool cpu_has_f16c() {
 #endif
 }
 
+bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 // Padded intermediate row width.
 int64_t padded_width(const SepConvShape& s) { return s.width + 2 * s.pad_h; }
 
@@ -258,6 +270,7 @@ Tensor sep_conv_depthwise_forward(const SepConvShape& s, const Tensor& input, co
 #if defined(__x86_64__)
     case CpuCapability::AVX512:
       if (call.dtype != dw::Dtype::Half || cpu_has_f16c()) {
+        if (call.dtype == dw::Dtype::BFloat16 && cpu_has_avx512bf16()) call.dtype = dw::Dtype::BFloat16Native;
         dw::forward_avx512(call);
         break;
       }

@@ -9,7 +9,10 @@
 
 namespace lowrank::sep_conv::dw {
 
-enum class Dtype { Float, BFloat16, Half };
+// BFloat16Native: bfloat16 on a CPU with the AVX512-BF16 conversions (used at the AVX-512 level;
+// they round to nearest even like the portable code, but treat subnormal floats as zero, as
+// oneDNN's bfloat16 convolutions on such CPUs do).
+enum class Dtype { Float, BFloat16, Half, BFloat16Native };
 
 // One forward call. x and y hold elements of `dtype` (NCHW or channels_last, contiguous); the
 // weights and bias are float32: channels_last wv (dv, C), wh (dh, C); NCHW wv (C, dv), wh (C, dh);

@@ -40,6 +40,13 @@ struct Vec {
 template <Dtype D>
 using Elem = std::conditional_t<D == Dtype::Float, float, uint16_t>;
 
+template <Dtype D>
+constexpr bool is_bf16 = D == Dtype::BFloat16 || D == Dtype::BFloat16Native;
+
+#if LOWRANK_DW_VECTOR_BYTES >= 64
+inline __m512 bf16x16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+#endif
+
 template <int L>
 inline typename Vec<L>::F loadf(const float* p) {
   typename Vec<L>::F v;
@@ -126,7 +133,15 @@ inline typename Vec<L>::F load(const Elem<D>* p) {
   using V = Vec<L>;
   if constexpr (D == Dtype::Float) {
     return loadf<L>(p);
-  } else if constexpr (D == Dtype::BFloat16) {
+  } else if constexpr (is_bf16<D>) {
+#if LOWRANK_DW_VECTOR_BYTES >= 64
+    if constexpr (L == 16) {
+      const __m512 r = bf16x16_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      typename V::F v;
+      std::memcpy(&v, &r, sizeof(v));
+      return v;
+    }
+#endif
     typename V::H h;
     std::memcpy(&h, p, sizeof(h));
     return (typename V::F)(__builtin_convertvector(h, typename V::U) << 16);
@@ -141,7 +156,15 @@ inline void store(Elem<D>* p, typename Vec<L>::F v) {
   using V = Vec<L>;
   if constexpr (D == Dtype::Float) {
     storef<L>(p, v);
-  } else if constexpr (D == Dtype::BFloat16) {
+  } else if constexpr (is_bf16<D>) {
+#if defined(LOWRANK_DW_AVX512BF16)
+    if constexpr (D == Dtype::BFloat16Native && L == 16) {
+      __m512 r;
+      std::memcpy(&r, &v, sizeof(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(r));
+      return;
+    }
+#endif
     const typename V::H h = __builtin_convertvector(bf16_bits<L>(v), typename V::H);
     std::memcpy(p, &h, sizeof(h));
   } else {
@@ -155,7 +178,16 @@ inline typename Vec<L>::F round_to(typename Vec<L>::F v) {
   using V = Vec<L>;
   if constexpr (D == Dtype::Float) {
     return v;
-  } else if constexpr (D == Dtype::BFloat16) {
+  } else if constexpr (is_bf16<D>) {
+#if defined(LOWRANK_DW_AVX512BF16)
+    if constexpr (D == Dtype::BFloat16Native && L == 16) {
+      __m512 r;
+      std::memcpy(&r, &v, sizeof(v));
+      r = bf16x16_to_float((__m256i)_mm512_cvtneps_pbh(r));
+      std::memcpy(&v, &r, sizeof(v));
+      return v;
+    }
+#endif
     const typename V::U u = (typename V::U)v;
     const typename V::F r = (typename V::F)((u + ((u >> 16) & 1u) + 0x7fffu) & 0xffff0000u);
     return v == v ? r : v;
@@ -458,6 +490,11 @@ void forward_typed(const ForwardCall& k) {
 
 inline void forward(const ForwardCall& k) {
   switch (k.dtype) {
+    case Dtype::BFloat16Native:
+#if defined(LOWRANK_DW_AVX512BF16)
+      forward_typed<Dtype::BFloat16Native>(k);
+      break;
+#endif
     case Dtype::BFloat16:
       forward_typed<Dtype::BFloat16>(k);
       break;
