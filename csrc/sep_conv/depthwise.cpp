@@ -108,12 +108,15 @@ int64_t channel_block(int64_t C) {
 // per-thread rows stored (column, channel) so the innermost loop runs over channels (n > 1,
 // channels_last) or over columns (n == 1, NCHW).
 template <typename T>
-void backward(const SepConvShape& s, bool cl, const T* gy, const T* x, const T* wv, const T* wh, T* gx, T* gwv, T* gwh) {
+void backward(const SepConvShape& s, bool cl, const T* gy, const T* x, const T* wv, const T* wh, T* gx, T* gwv,
+              T* gwh) {
   const int64_t C = s.in_channels, n_blk = cl ? channel_block(C) : 1;
   const int64_t items = (C + n_blk - 1) / n_blk;
   // Strides (in elements) of input-like and output-like tensors.
-  const int64_t xs_b = C * s.height * s.width, xs_h = cl ? s.width * C : s.width, xs_w = cl ? C : 1, xs_c = cl ? 1 : s.height * s.width;
-  const int64_t ys_b = C * s.out_height * s.out_width, ys_h = cl ? s.out_width * C : s.out_width, ys_w = cl ? C : 1, ys_c = cl ? 1 : s.out_height * s.out_width;
+  const int64_t xs_b = C * s.height * s.width, xs_h = cl ? s.width * C : s.width, xs_w = cl ? C : 1,
+                xs_c = cl ? 1 : s.height * s.width;
+  const int64_t ys_b = C * s.out_height * s.out_width, ys_h = cl ? s.out_width * C : s.out_width, ys_w = cl ? C : 1,
+                ys_c = cl ? 1 : s.out_height * s.out_width;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     const int64_t nmax = n_blk;
     std::vector<T> tbuf(padded_width(s) * nmax, T(0)), gtbuf(padded_width(s) * nmax, T(0));
@@ -134,7 +137,7 @@ void backward(const SepConvShape& s, bool cl, const T* gy, const T* x, const T* 
       for (int64_t b = 0; b < s.batch; ++b) {
         for (int64_t i = 0; i < s.out_height; ++i) {
           const T* gyr = gy + b * ys_b + i * ys_h + c0 * ys_c;
-          if (gwh) {                                                   // recompute the intermediate row of this block
+          if (gwh) {  // recompute the intermediate row of this block
             std::fill(tbuf.begin(), tbuf.begin() + padded_width(s) * n, T(0));  // n changes on the last block
             for (int64_t a = 0; a < s.dv; ++a) {
               const int64_t r = input_row(s, i, a);
@@ -238,8 +241,8 @@ Tensor sep_conv_depthwise_forward(const SepConvShape& s, const Tensor& input, co
   const auto memory_format = input.suggest_memory_format();
   const bool cl = memory_format == at::MemoryFormat::ChannelsLast;
   const auto dt = input.scalar_type();
-  Tensor out = empty_result({s.batch, s.in_channels, s.out_height, s.out_width},
-                            input.options().memory_format(memory_format));
+  Tensor out =
+      empty_result({s.batch, s.in_channels, s.out_height, s.out_width}, input.options().memory_format(memory_format));
   if (out.numel() == 0) return out;
   const Tensor x = input.contiguous(memory_format);
   const bool has_bias = bias.has_value() && bias->defined();

@@ -25,8 +25,7 @@ Tensor sep_conv_depthwise_forward(const SepConvShape& s, const Tensor& input, co
 // Gradients for input, weight_v, weight_h; one not asked for in output_mask is an empty tensor.
 std::tuple<Tensor, Tensor, Tensor> sep_conv_depthwise_backward(const SepConvShape& s, const Tensor& grad_out,
                                                                const Tensor& input, const Tensor& weight_v,
-                                                               const Tensor& weight_h,
-                                                               std::array<bool, 3> output_mask);
+                                                               const Tensor& weight_h, std::array<bool, 3> output_mask);
 
 }  // namespace sep_conv
 }  // namespace lowrank

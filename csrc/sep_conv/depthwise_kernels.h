@@ -44,7 +44,9 @@ template <Dtype D>
 constexpr bool is_bf16 = D == Dtype::BFloat16 || D == Dtype::BFloat16Native;
 
 #if LOWRANK_DW_VECTOR_BYTES >= 64
-inline __m512 bf16x16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 bf16x16_to_float(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 #endif
 
 template <int L>
@@ -343,8 +345,7 @@ void forward_cl(const ForwardCall& k) {
       }
       int64_t c = 0;
       for (; c + NV * L <= C; c += NV * L)
-        cl_strip_any<D, L, NV>(three, s, xr.data(), wvr.data(), taps.count, k.wh, k.bias, c, tbuf.data(), yr, pfx,
-                               pfy);
+        cl_strip_any<D, L, NV>(three, s, xr.data(), wvr.data(), taps.count, k.wh, k.bias, c, tbuf.data(), yr, pfx, pfy);
       for (; c < C; c += L)
         cl_strip_any<D, L, 1>(three, s, xr.data(), wvr.data(), taps.count, k.wh, k.bias, std::min(c, C - L),
                               tbuf.data(), yr, pfx, pfy);
@@ -377,8 +378,7 @@ inline void nchw_vertical(const SepConvShape& s, const Elem<D>* xp, const float*
     for (int64_t w0 = 0; w0 < W; w0 += L) {
       const int64_t w = std::min(w0, W - L);
       F acc{};
-      for (int64_t q = 0; q < taps.count; ++q)
-        acc += wvc[taps.taps[q]] * load<D, L>(xp + taps.rows[q] * W + w);
+      for (int64_t q = 0; q < taps.count; ++q) acc += wvc[taps.taps[q]] * load<D, L>(xp + taps.rows[q] * W + w);
       storef<L>(t + w, round_to<D, L>(acc));
     }
   }

@@ -28,8 +28,7 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
                         grad_out.size(2) == s.out_height && grad_out.size(3) == s.out_width,
                     "sep_conv_backward: grad_out has shape ", grad_out.sizes(), ", expected [", s.batch, ", ",
                     s.out_channels, ", ", s.out_height, ", ", s.out_width, "]");
-  if (sep_conv_is_depthwise(s))
-    return sep_conv_depthwise_backward(s, grad_out, input, weight_v, weight_h, output_mask);
+  if (sep_conv_is_depthwise(s)) return sep_conv_depthwise_backward(s, grad_out, input, weight_v, weight_h, output_mask);
   return backward(s, grad_out, input, weight_v, weight_h, output_mask);
 }
 
