@@ -253,12 +253,24 @@ Tensor sep_conv_depthwise_forward(const SepConvShape& s, const Tensor& input, co
                    has_bias ? b.data_ptr<double>() : nullptr, out.data_ptr<double>());
     return out;
   }
-  // Weights and bias in float32, in the layout the kernels read (see depthwise_isa.h).
+  // Weights and bias in float32, in the layout the kernels read (see depthwise_isa.h); plain
+  // vectors, since tensor operations would cost more than the kernel on small maps.
   const int64_t C = s.in_channels;
-  Tensor wv = weight_v.to(at::kFloat).reshape({C, s.dv}), wh = weight_h.to(at::kFloat).reshape({C, s.dh});
-  wv = cl ? wv.t().contiguous() : wv.contiguous();
-  wh = cl ? wh.t().contiguous() : wh.contiguous();
-  const Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::zeros({C}, input.options().dtype(at::kFloat));
+  std::vector<float> wv(C * s.dv), wh(C * s.dh), bv(C, 0.f);
+  const Tensor wvc = weight_v.contiguous(), whc = weight_h.contiguous();
+  const Tensor bc = has_bias ? bias->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sep_conv_depthwise_weights", [&] {
+    const scalar_t* pv = wvc.const_data_ptr<scalar_t>();
+    const scalar_t* ph = whc.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t a = 0; a < s.dv; ++a) wv[cl ? a * C + c : c * s.dv + a] = static_cast<float>(pv[c * s.dv + a]);
+      for (int64_t e = 0; e < s.dh; ++e) wh[cl ? e * C + c : c * s.dh + e] = static_cast<float>(ph[c * s.dh + e]);
+    }
+    if (has_bias) {
+      const scalar_t* pb = bc.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) bv[c] = static_cast<float>(pb[c]);
+    }
+  });
   dw::ForwardCall call{s,
                        cl,
                        dt == at::kBFloat16 ? dw::Dtype::BFloat16
@@ -266,9 +278,9 @@ Tensor sep_conv_depthwise_forward(const SepConvShape& s, const Tensor& input, co
                                            : dw::Dtype::Float,
                        x.const_data_ptr(),
                        out.mutable_data_ptr(),
-                       wv.const_data_ptr<float>(),
-                       wh.const_data_ptr<float>(),
-                       b.const_data_ptr<float>()};
+                       wv.data(),
+                       wh.data(),
+                       bv.data()};
   switch (cpu_capability()) {
 #if defined(__x86_64__)
     case CpuCapability::AVX512:
