@@ -472,7 +472,7 @@ void forward_typed(const ForwardCall& k) {
   const SepConvShape& s = k.s;
   if (k.channels_last) {
     if (s.in_channels >= kLanes) {
-      forward_cl<D, kLanes, 4>(k);
+      forward_cl<D, kLanes, D == Dtype::Float ? 4 : 8>(k);
     } else {
       forward_cl<D, 1, 1>(k);
     }
