@@ -13,8 +13,8 @@ Tensor sep_conv_cpu(const Tensor& input, const Tensor& weight_v, const Tensor& w
                     const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, int64_t groups) {
   const SepConvShape s = check_sep_conv(input, weight_v, weight_h, bias, stride, padding, dilation, groups);
-  if (sep_conv_is_depthwise(input, weight_v, weight_h, groups))  // one filter pair per channel: depthwise.cpp
-    return sep_conv_depthwise_forward(input, weight_v, weight_h, bias, stride, padding, dilation);
+  if (sep_conv_is_depthwise(s))  // one filter pair per channel: depthwise.cpp
+    return sep_conv_depthwise_forward(s, input, weight_v, weight_h, bias);
   return forward(s, input, weight_v, weight_h, bias);
 }
 
@@ -28,8 +28,7 @@ std::tuple<Tensor, Tensor, Tensor> sep_conv_backward_cpu(const Tensor& grad_out,
                         grad_out.size(2) == s.out_height && grad_out.size(3) == s.out_width,
                     "sep_conv_backward: grad_out has shape ", grad_out.sizes(), ", expected [", s.batch, ", ",
                     s.out_channels, ", ", s.out_height, ", ", s.out_width, "]");
-  if (sep_conv_is_depthwise(input, weight_v, weight_h, groups))
-    return sep_conv_depthwise_backward(grad_out, input, weight_v, weight_h, stride, padding, dilation, output_mask);
+  if (sep_conv_is_depthwise(s)) return sep_conv_depthwise_backward(s, grad_out, input, weight_v, weight_h, output_mask);
   return backward(s, grad_out, input, weight_v, weight_h, output_mask);
 }
 
