@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_levels import machine_levels
 
 from lowrank_kernels import sep_conv
 
@@ -120,20 +121,7 @@ def test_depthwise_partial_gradients_and_empty_batch():
     assert empty.shape == (0, 8, 6, 6)
 
 
-def _machine_levels() -> list[str]:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    levels = ["default"]
-    if " avx2 " in flags and " fma " in flags:
-        levels.append("avx2")
-        if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-            levels.append("avx512")
-    return levels
-
-
-@pytest.mark.parametrize("capability", _machine_levels())
+@pytest.mark.parametrize("capability", machine_levels())
 def test_depthwise_every_dispatch_level(capability):
     env = dict(
         os.environ, LOWRANK_CPU_CAPABILITY=capability, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")])

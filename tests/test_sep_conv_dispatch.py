@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_levels import machine_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,22 +107,8 @@ def run_all_checks() -> None:
                 check_case(case, dtype, cl)
 
 
-def _machine_levels() -> list[str]:
-    flags = ""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        pass
-    levels = ["default"]
-    if " avx2 " in flags and " fma " in flags:
-        levels.append("avx2")
-        if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-            levels.append("avx512")
-    return levels
-
-
-_LEVELS = [(level, None) for level in _machine_levels()]
-if "avx2" in _machine_levels():
+_LEVELS = [(level, None) for level in machine_levels()]
+if "avx2" in machine_levels():
     _LEVELS.append(("avx2", "AVX2"))  # oneDNN capped to AVX2 too: float32 tiles for 16-bit data
 
 
